@@ -1,0 +1,421 @@
+//! The configuration schema: every field an operator can write, with its default.
+//!
+//! This room owns the serde types, loading from TOML / JSON / `GATEHOUSE_*` environment
+//! overrides (`load`), and validation that reports every mistake with its field path
+//! (`validate`). It never touches sockets or registries; `snapshot::compile` turns a
+//! validated `Config` into what the data plane runs.
+
+mod load;
+pub mod units;
+mod validate;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
+pub use units::{Dur, Size};
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Runtime worker threads; `None` means one per CPU core.
+    pub workers: Option<usize>,
+    /// How long SIGTERM waits for in-flight requests and streams before exiting.
+    pub drain_timeout: DrainTimeout,
+    pub log: LogConfig,
+    pub access_log: AccessLogConfig,
+    pub http: HttpConfig,
+    /// A built-in demo upstream started by the gateway itself, so an example config shows a
+    /// real proxy hop with nothing else installed.
+    pub demo: Option<DemoConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub pools: Vec<PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct DrainTimeout(pub Dur);
+
+impl Default for DrainTimeout {
+    fn default() -> Self {
+        DrainTimeout(Dur::secs(30))
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `tracing` filter for diagnostic logs on stderr, e.g. `"info"` or `"gatehouse=debug"`.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Text,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLogConfig {
+    pub enabled: bool,
+    /// A file path, or `"stdout"`.
+    pub path: String,
+    /// Lines buffered between the request path and the writer; when full, lines are
+    /// dropped and counted rather than blocking requests.
+    pub buffer_lines: usize,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            enabled: true,
+            path: "stdout".into(),
+            buffer_lines: 65_536,
+        }
+    }
+}
+
+/// Global HTTP behaviour: forwarding headers and request ids (SPEC HTTP-6, HTTP-7).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    pub x_forwarded_for: XffMode,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    pub request_id_header: String,
+    /// Add an RFC 7239 `Forwarded` header upstream.
+    pub add_forwarded: bool,
+    /// Add `Via: <proto> gatehouse` both ways.
+    pub add_via: bool,
+    /// Remove the upstream's `Server` header from responses.
+    pub hide_upstream_server: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            x_forwarded_for: XffMode::Append,
+            trusted_proxies: Vec::new(),
+            request_id_header: "x-request-id".into(),
+            add_forwarded: false,
+            add_via: false,
+            hide_upstream_server: false,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum XffMode {
+    /// Keep the incoming chain from trusted proxies and append the peer address.
+    Append,
+    /// Send only the client address the gateway determined.
+    Replace,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DemoConfig {
+    pub bind: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    pub name: String,
+    /// `ip:port`; `0.0.0.0` / `[::]` must be written out to listen on every address.
+    pub bind: String,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// Set `SO_REUSEPORT` so several processes (or an upgrade) can share the port.
+    #[serde(default)]
+    pub reuse_port: bool,
+    /// 0 means unlimited.
+    #[serde(default)]
+    pub max_connections: u32,
+    #[serde(default)]
+    pub limits: ListenerLimits,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// HTTP/1.x and HTTP/2 with prior knowledge (h2c) on the same port.
+    #[default]
+    Http,
+}
+
+/// Per-listener limits against slow and abusive clients (SPEC HTTP-9, CONN-9).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerLimits {
+    /// A client must send a whole request header block within this time.
+    pub request_header_timeout: Dur,
+    /// Largest request header block (HTTP/1) or header list (HTTP/2).
+    pub max_request_header_bytes: Size,
+    /// Most header fields in one HTTP/1 request.
+    pub max_request_headers: usize,
+    pub max_uri_bytes: Size,
+    /// Close a keep-alive connection after this many requests; 0 means unlimited.
+    pub max_requests_per_connection: u64,
+    /// Default request body limit for routes that set none; 0 means unlimited.
+    pub max_request_body: Size,
+    pub h2_max_concurrent_streams: u32,
+    pub h2_initial_stream_window: Size,
+    pub h2_initial_connection_window: Size,
+    /// Maximum pending reset streams a client may cause before the connection is closed
+    /// (rapid-reset protection).
+    pub h2_max_pending_reset_streams: usize,
+}
+
+impl Default for ListenerLimits {
+    fn default() -> Self {
+        ListenerLimits {
+            request_header_timeout: Dur::secs(10),
+            max_request_header_bytes: Size::kib(64),
+            max_request_headers: 100,
+            max_uri_bytes: Size::kib(8),
+            max_requests_per_connection: 0,
+            max_request_body: Size(0),
+            h2_max_concurrent_streams: 256,
+            h2_initial_stream_window: Size::kib(1024),
+            h2_initial_connection_window: Size::kib(4096),
+            h2_max_pending_reset_streams: 64,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    pub name: String,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub balancer: BalancerKind,
+    pub endpoints: Vec<EndpointConfig>,
+    #[serde(default = "PoolConfig::default_connect_timeout")]
+    pub connect_timeout: Dur,
+    /// Idle keep-alive connections kept per endpoint (HTTP/1.1).
+    #[serde(default = "PoolConfig::default_max_idle")]
+    pub max_idle_per_endpoint: usize,
+    /// An idle pooled connection older than this is closed instead of reused.
+    #[serde(default = "PoolConfig::default_idle_timeout")]
+    pub idle_timeout: Dur,
+}
+
+impl PoolConfig {
+    fn default_connect_timeout() -> Dur {
+        Dur::secs(5)
+    }
+    fn default_max_idle() -> usize {
+        64
+    }
+    fn default_idle_timeout() -> Dur {
+        Dur::secs(60)
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with pooled keep-alive connections.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge over plain TCP; one multiplexed connection per endpoint.
+    H2c,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum BalancerKind {
+    /// Smooth weighted round robin (nginx's algorithm).
+    #[default]
+    RoundRobin,
+}
+
+/// An endpoint: `"host:port"`, or a table with a weight.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum EndpointConfig {
+    Address(String),
+    Weighted {
+        address: String,
+        #[serde(default = "EndpointConfig::default_weight")]
+        weight: u32,
+    },
+}
+
+impl EndpointConfig {
+    fn default_weight() -> u32 {
+        1
+    }
+
+    pub fn address(&self) -> &str {
+        match self {
+            EndpointConfig::Address(address) | EndpointConfig::Weighted { address, .. } => address,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            EndpointConfig::Address(_) => 1,
+            EndpointConfig::Weighted { weight, .. } => *weight,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Shown in logs and metrics; defaults to `route<index>`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Higher wins before specificity and config order are considered.
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(default, rename = "match")]
+    pub matcher: MatchConfig,
+    /// Forward to this pool. Exactly one of `pool`, `redirect`, `direct_response`.
+    #[serde(default)]
+    pub pool: Option<String>,
+    #[serde(default)]
+    pub redirect: Option<RedirectConfig>,
+    #[serde(default)]
+    pub direct_response: Option<DirectResponseConfig>,
+    /// Remove this prefix from the path before forwarding.
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Replace the matched `path_prefix` with this value.
+    #[serde(default)]
+    pub rewrite_prefix: Option<String>,
+    #[serde(default)]
+    pub rewrite_regex: Option<RegexRewriteConfig>,
+    /// Send this `Host` upstream instead of the client's.
+    #[serde(default)]
+    pub host_rewrite: Option<String>,
+    /// Keep the client's `Host` (true) or use the endpoint address (false).
+    #[serde(default = "RouteConfig::default_preserve_host")]
+    pub preserve_host: bool,
+    #[serde(default)]
+    pub timeouts: RouteTimeouts,
+    /// Overrides the listener's `max_request_body`; 0 means unlimited.
+    #[serde(default)]
+    pub max_request_body: Option<Size>,
+}
+
+impl RouteConfig {
+    fn default_preserve_host() -> bool {
+        true
+    }
+}
+
+/// All conditions present are AND-ed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MatchConfig {
+    /// Exact names or `*.example.com` wildcards; case- and port-insensitive. Empty: any host.
+    pub hosts: Vec<String>,
+    /// Exact path.
+    pub path: Option<String>,
+    /// Path prefix matched on segment boundaries: `/api` matches `/api` and `/api/x`, not `/apix`.
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub methods: Vec<String>,
+    pub headers: Vec<ValueMatchConfig>,
+    pub query: Vec<ValueMatchConfig>,
+    pub source_cidrs: Vec<IpNet>,
+}
+
+/// A header or query parameter condition: exactly one of `value`, `regex`, `present`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ValueMatchConfig {
+    pub name: String,
+    #[serde(default)]
+    pub value: Option<String>,
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// `true`: must be present; `false`: must be absent.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    #[serde(default = "RedirectConfig::default_status")]
+    pub status: u16,
+    /// Template with `{scheme}`, `{host}`, `{path}`, `{query}` (with its `?`) and `{request_uri}`.
+    pub location: String,
+}
+
+impl RedirectConfig {
+    fn default_status() -> u16 {
+        308
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseConfig {
+    #[serde(default = "DirectResponseConfig::default_status")]
+    pub status: u16,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default = "DirectResponseConfig::default_content_type")]
+    pub content_type: String,
+}
+
+impl DirectResponseConfig {
+    fn default_status() -> u16 {
+        200
+    }
+    fn default_content_type() -> String {
+        "text/plain; charset=utf-8".into()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewriteConfig {
+    pub pattern: String,
+    /// Replacement with `$1` / `${name}` capture references.
+    pub replacement: String,
+}
+
+/// Upstream timeouts for one route (SPEC UP-9).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteTimeouts {
+    /// From sending the request to receiving the response header block.
+    pub response_header: Dur,
+    /// Longest silence between two body chunks in either direction.
+    pub idle: Dur,
+    /// The whole exchange, until the response body ends; 0 means none.
+    pub request: Dur,
+}
+
+impl Default for RouteTimeouts {
+    fn default() -> Self {
+        RouteTimeouts {
+            response_header: Dur::secs(60),
+            idle: Dur::secs(300),
+            request: Dur::secs(0),
+        }
+    }
+}

@@ -1,0 +1,426 @@
+//! Semantic checks over a parsed config. Every check pushes an error and carries on, so one
+//! run reports every mistake with its field path.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+
+use super::load::{ConfigError, FileIndexes};
+use super::{Config, ListenerLimits, MatchConfig, RouteConfig, ValueMatchConfig};
+
+/// hyper refuses HTTP/1 read buffers smaller than this.
+const MIN_HEADER_BYTES: u64 = 8192;
+const MAX_WEIGHT: u32 = 10_000;
+const MAX_WORKERS: usize = 1024;
+const H2_MAX_WINDOW: u64 = (1 << 31) - 1;
+
+struct Errors<'a>(&'a mut Vec<ConfigError>);
+
+impl Errors<'_> {
+    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<ConfigError>) {
+    let mut errors = Errors(errors);
+    if let Some(workers) = config.workers {
+        if workers == 0 || workers > MAX_WORKERS {
+            errors.push("workers", format!("must be between 1 and {MAX_WORKERS}"));
+        }
+    }
+    if config.log.level.trim().is_empty() {
+        errors.push("log.level", "must not be empty");
+    }
+    if config.access_log.buffer_lines == 0 {
+        errors.push("access_log.buffer_lines", "must be at least 1");
+    }
+    if config.access_log.path.trim().is_empty() {
+        errors.push("access_log.path", "must be a file path or \"stdout\"");
+    }
+    if http::HeaderName::from_bytes(config.http.request_id_header.as_bytes()).is_err() {
+        errors.push(
+            "http.request_id_header",
+            format!(
+                "{:?} is not a valid header name",
+                config.http.request_id_header
+            ),
+        );
+    }
+    if let Some(demo) = &config.demo {
+        check_socket_addr(&demo.bind, "demo.bind", &mut errors);
+    }
+    validate_listeners(config, &indexes.listeners, &mut errors);
+    let pool_names = validate_pools(config, &indexes.pools, &mut errors);
+    let mut route_names = HashSet::new();
+    for (route, &index) in config.routes.iter().zip(&indexes.routes) {
+        let path = format!("routes[{index}]");
+        if let Some(name) = &route.name {
+            if name.is_empty() {
+                errors.push(format!("{path}.name"), "must not be empty");
+            } else if !route_names.insert(name.as_str()) {
+                errors.push(
+                    format!("{path}.name"),
+                    format!("duplicate route name {name:?}"),
+                );
+            }
+        }
+        validate_route(route, &path, &pool_names, &mut errors);
+    }
+}
+
+fn validate_listeners(config: &Config, indexes: &[usize], errors: &mut Errors) {
+    if config.listeners.is_empty() && indexes.is_empty() {
+        errors.push("listeners", "at least one listener is required");
+    }
+    let mut names = HashSet::new();
+    let mut binds: HashMap<SocketAddr, &str> = HashMap::new();
+    for (listener, &index) in config.listeners.iter().zip(indexes) {
+        let path = format!("listeners[{index}]");
+        check_name(&listener.name, &format!("{path}.name"), errors);
+        if !names.insert(listener.name.as_str()) {
+            errors.push(
+                format!("{path}.name"),
+                format!("duplicate listener name {:?}", listener.name),
+            );
+        }
+        if let Some(addr) = check_socket_addr(&listener.bind, &format!("{path}.bind"), errors) {
+            if addr.port() != 0 {
+                if let Some(other) = binds.insert(addr, &listener.name) {
+                    errors.push(
+                        format!("{path}.bind"),
+                        format!("{addr} is already bound by listener {other:?}"),
+                    );
+                }
+            }
+        }
+        validate_limits(&listener.limits, &format!("{path}.limits"), errors);
+    }
+}
+
+fn validate_limits(limits: &ListenerLimits, path: &str, errors: &mut Errors) {
+    if limits.max_request_header_bytes.0 < MIN_HEADER_BYTES {
+        errors.push(
+            format!("{path}.max_request_header_bytes"),
+            format!("must be at least {MIN_HEADER_BYTES} bytes"),
+        );
+    }
+    if limits.max_request_headers == 0 || limits.max_request_headers > 10_000 {
+        errors.push(
+            format!("{path}.max_request_headers"),
+            "must be between 1 and 10000",
+        );
+    }
+    if limits.max_uri_bytes.0 < 16 {
+        errors.push(format!("{path}.max_uri_bytes"), "must be at least 16 bytes");
+    }
+    if limits.request_header_timeout.0.is_zero() {
+        errors.push(
+            format!("{path}.request_header_timeout"),
+            "must be greater than zero",
+        );
+    }
+    if limits.h2_max_concurrent_streams == 0 {
+        errors.push(
+            format!("{path}.h2_max_concurrent_streams"),
+            "must be at least 1",
+        );
+    }
+    for (field, size) in [
+        ("h2_initial_stream_window", limits.h2_initial_stream_window),
+        (
+            "h2_initial_connection_window",
+            limits.h2_initial_connection_window,
+        ),
+    ] {
+        if size.0 < 65_535 || size.0 > H2_MAX_WINDOW {
+            errors.push(
+                format!("{path}.{field}"),
+                format!("must be between 65535 and {H2_MAX_WINDOW} bytes"),
+            );
+        }
+    }
+}
+
+fn validate_pools<'a>(
+    config: &'a Config,
+    indexes: &[usize],
+    errors: &mut Errors,
+) -> HashSet<&'a str> {
+    let mut names = HashSet::new();
+    for (pool, &index) in config.pools.iter().zip(indexes) {
+        let path = format!("pools[{index}]");
+        check_name(&pool.name, &format!("{path}.name"), errors);
+        if !names.insert(pool.name.as_str()) {
+            errors.push(
+                format!("{path}.name"),
+                format!("duplicate pool name {:?}", pool.name),
+            );
+        }
+        if pool.endpoints.is_empty() {
+            errors.push(
+                format!("{path}.endpoints"),
+                "at least one endpoint is required",
+            );
+        }
+        for (endpoint_index, endpoint) in pool.endpoints.iter().enumerate() {
+            let endpoint_path = format!("{path}.endpoints[{endpoint_index}]");
+            if let Err(message) = check_host_port(endpoint.address()) {
+                errors.push(format!("{endpoint_path}.address"), message);
+            }
+            if endpoint.weight() == 0 || endpoint.weight() > MAX_WEIGHT {
+                errors.push(
+                    format!("{endpoint_path}.weight"),
+                    format!("must be between 1 and {MAX_WEIGHT}"),
+                );
+            }
+        }
+        if pool.connect_timeout.0.is_zero() {
+            errors.push(
+                format!("{path}.connect_timeout"),
+                "must be greater than zero",
+            );
+        }
+    }
+    // A pool that failed to parse still counts as declared, so routes naming it do not
+    // add a second, misleading error.
+    names
+}
+
+fn validate_route(route: &RouteConfig, path: &str, pools: &HashSet<&str>, errors: &mut Errors) {
+    let actions = [
+        route.pool.is_some(),
+        route.redirect.is_some(),
+        route.direct_response.is_some(),
+    ];
+    match actions.iter().filter(|set| **set).count() {
+        0 => errors.push(path, "needs one of pool, redirect or direct_response"),
+        1 => {}
+        _ => errors.push(
+            path,
+            "pool, redirect and direct_response are mutually exclusive",
+        ),
+    }
+    if let Some(pool) = &route.pool {
+        if !pools.contains(pool.as_str()) {
+            errors.push(format!("{path}.pool"), format!("unknown pool {pool:?}"));
+        }
+    }
+    if let Some(redirect) = &route.redirect {
+        if ![301, 302, 303, 307, 308].contains(&redirect.status) {
+            errors.push(
+                format!("{path}.redirect.status"),
+                "must be one of 301, 302, 303, 307, 308",
+            );
+        }
+        if redirect.location.is_empty() {
+            errors.push(format!("{path}.redirect.location"), "must not be empty");
+        }
+    }
+    if let Some(direct) = &route.direct_response {
+        if !(200..=599).contains(&direct.status) {
+            errors.push(
+                format!("{path}.direct_response.status"),
+                "must be between 200 and 599",
+            );
+        }
+        if http::HeaderValue::from_str(&direct.content_type).is_err() {
+            errors.push(
+                format!("{path}.direct_response.content_type"),
+                "is not a valid header value",
+            );
+        }
+    }
+    validate_match(&route.matcher, &format!("{path}.match"), errors);
+    let rewrites = [
+        route.strip_prefix.is_some(),
+        route.rewrite_prefix.is_some(),
+        route.rewrite_regex.is_some(),
+    ];
+    if rewrites.iter().filter(|set| **set).count() > 1 {
+        errors.push(
+            path,
+            "strip_prefix, rewrite_prefix and rewrite_regex are mutually exclusive",
+        );
+    }
+    if let Some(prefix) = &route.strip_prefix {
+        if !prefix.starts_with('/') {
+            errors.push(format!("{path}.strip_prefix"), "must start with \"/\"");
+        }
+    }
+    if let Some(prefix) = &route.rewrite_prefix {
+        if route.matcher.path_prefix.is_none() {
+            errors.push(
+                format!("{path}.rewrite_prefix"),
+                "needs match.path_prefix to replace",
+            );
+        }
+        if !prefix.starts_with('/') {
+            errors.push(format!("{path}.rewrite_prefix"), "must start with \"/\"");
+        }
+    }
+    if let Some(rewrite) = &route.rewrite_regex {
+        check_regex(
+            &rewrite.pattern,
+            &format!("{path}.rewrite_regex.pattern"),
+            errors,
+        );
+    }
+    if let Some(host) = &route.host_rewrite {
+        if host.is_empty() || http::uri::Authority::try_from(host.as_str()).is_err() {
+            errors.push(
+                format!("{path}.host_rewrite"),
+                format!("{host:?} is not a valid host"),
+            );
+        }
+    }
+    if route.timeouts.response_header.0.is_zero() {
+        errors.push(
+            format!("{path}.timeouts.response_header"),
+            "must be greater than zero",
+        );
+    }
+}
+
+fn validate_match(matcher: &MatchConfig, path: &str, errors: &mut Errors) {
+    for (index, host) in matcher.hosts.iter().enumerate() {
+        if let Err(message) = check_host_pattern(host) {
+            errors.push(format!("{path}.hosts[{index}]"), message);
+        }
+    }
+    let path_forms = [&matcher.path, &matcher.path_prefix, &matcher.path_regex];
+    if path_forms.iter().filter(|form| form.is_some()).count() > 1 {
+        errors.push(
+            path,
+            "path, path_prefix and path_regex are mutually exclusive",
+        );
+    }
+    for (field, value) in [
+        ("path", &matcher.path),
+        ("path_prefix", &matcher.path_prefix),
+    ] {
+        if let Some(value) = value {
+            if !value.starts_with('/') {
+                errors.push(format!("{path}.{field}"), "must start with \"/\"");
+            }
+        }
+    }
+    if let Some(regex) = &matcher.path_regex {
+        check_regex(regex, &format!("{path}.path_regex"), errors);
+    }
+    for (index, method) in matcher.methods.iter().enumerate() {
+        if method.is_empty() || http::Method::from_bytes(method.as_bytes()).is_err() {
+            errors.push(
+                format!("{path}.methods[{index}]"),
+                format!("{method:?} is not a valid method"),
+            );
+        }
+    }
+    for (index, header) in matcher.headers.iter().enumerate() {
+        let header_path = format!("{path}.headers[{index}]");
+        if http::HeaderName::from_bytes(header.name.as_bytes()).is_err() {
+            errors.push(
+                format!("{header_path}.name"),
+                format!("{:?} is not a valid header name", header.name),
+            );
+        }
+        validate_value_match(header, &header_path, errors);
+    }
+    for (index, param) in matcher.query.iter().enumerate() {
+        let param_path = format!("{path}.query[{index}]");
+        if param.name.is_empty() {
+            errors.push(format!("{param_path}.name"), "must not be empty");
+        }
+        validate_value_match(param, &param_path, errors);
+    }
+}
+
+fn validate_value_match(condition: &ValueMatchConfig, path: &str, errors: &mut Errors) {
+    let forms = [
+        condition.value.is_some(),
+        condition.regex.is_some(),
+        condition.present.is_some(),
+    ];
+    if forms.iter().filter(|set| **set).count() != 1 {
+        errors.push(path, "needs exactly one of value, regex or present");
+    }
+    if let Some(regex) = &condition.regex {
+        check_regex(regex, &format!("{path}.regex"), errors);
+    }
+}
+
+fn check_name(name: &str, path: &str, errors: &mut Errors) {
+    if name.is_empty() {
+        errors.push(path, "must not be empty");
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        errors.push(
+            path,
+            format!("{name:?} may only contain letters, digits, '-', '_' and '.'"),
+        );
+    }
+}
+
+fn check_regex(pattern: &str, path: &str, errors: &mut Errors) {
+    if let Err(err) = regex::Regex::new(pattern) {
+        let first_line = err.to_string();
+        let reason = first_line.lines().last().unwrap_or("invalid").trim();
+        errors.push(path, format!("invalid regex {pattern:?}: {reason}"));
+    }
+}
+
+fn check_socket_addr(text: &str, path: &str, errors: &mut Errors) -> Option<SocketAddr> {
+    match text.parse::<SocketAddr>() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.push(
+                path,
+                format!(
+                    "invalid address {text:?}; expected ip:port such as 127.0.0.1:8080 or [::]:443"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `host:port` where host is an IP literal (IPv6 in brackets) or a DNS name.
+pub(crate) fn check_host_port(text: &str) -> Result<(), String> {
+    let invalid = || {
+        format!("invalid endpoint {text:?}; expected host:port such as 10.0.0.5:8080 or app.internal:80")
+    };
+    if text.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
+    port.parse::<u16>().map_err(|_| invalid())?;
+    let valid_label = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if host.is_empty() || host.len() > 253 || !host.split('.').all(valid_label) {
+        return Err(invalid());
+    }
+    Ok(())
+}
+
+fn check_host_pattern(host: &str) -> Result<(), String> {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | ':' | '[' | ']'))
+        && !name.contains('*');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{host:?} is not a host name; use an exact name or a leading wildcard such as \"*.example.com\""
+        ))
+    }
+}

@@ -1,0 +1,151 @@
+//! The running gateway: ties the snapshot publisher, the HTTP engine and the listeners
+//! together, and exposes the operations the CLI, signals and tests drive — start, reload,
+//! apply a config, and drain.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{self, Config, ConfigErrors};
+use crate::http::Proxy;
+use crate::listener::{ListenerError, ListenerStats, Listeners};
+use crate::snapshot::{CompileError, Publisher};
+use crate::telemetry::AccessLog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    Config(#[from] ConfigErrors),
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    #[error(transparent)]
+    Listener(#[from] ListenerError),
+    #[error("cannot open the access log: {0}")]
+    AccessLog(std::io::Error),
+    #[error("cannot start the demo upstream on {bind}: {source}")]
+    Demo {
+        bind: String,
+        source: std::io::Error,
+    },
+    #[error("no config file to reload (started without --config)")]
+    NoConfigFile,
+}
+
+pub struct Gateway {
+    publisher: Arc<Publisher>,
+    proxy: Arc<Proxy>,
+    listeners: Mutex<Listeners>,
+    config_path: Option<PathBuf>,
+    demo_addr: Option<SocketAddr>,
+}
+
+impl Gateway {
+    /// Compiles `config`, starts the demo upstream if configured, binds every listener and
+    /// starts accepting. Must run inside a Tokio runtime.
+    pub async fn start(
+        config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Gateway, GatewayError> {
+        let demo_addr =
+            match &config.demo {
+                Some(demo) => Some(crate::demo::start(&demo.bind).await.map_err(|source| {
+                    GatewayError::Demo {
+                        bind: demo.bind.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
+        let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?;
+        let listener_configs = config.listeners.clone();
+        let publisher = Arc::new(Publisher::new(config)?);
+        let proxy = Arc::new(Proxy {
+            publisher: publisher.clone(),
+            access_log,
+            tunnels: TaskTracker::new(),
+        });
+        let mut listeners = Listeners::new(proxy.clone());
+        let pending = listeners.prepare(&listener_configs)?;
+        listeners.activate(pending, &listener_configs);
+        Ok(Gateway {
+            publisher,
+            proxy,
+            listeners: Mutex::new(listeners),
+            config_path,
+            demo_addr,
+        })
+    }
+
+    /// Re-reads the config file and applies it (SIGHUP). On any error the running
+    /// configuration stays as it was.
+    pub fn reload(&self) -> Result<u64, GatewayError> {
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or(GatewayError::NoConfigFile)?;
+        let config = config::load_file(path)?;
+        self.apply(config)
+    }
+
+    /// Applies a validated config: binds new listeners, swaps the snapshot, then stops
+    /// listeners that left. Returns the new snapshot version.
+    pub fn apply(&self, config: Config) -> Result<u64, GatewayError> {
+        let current = self.publisher.load();
+        if current.config.access_log != config.access_log || current.config.demo != config.demo {
+            tracing::warn!("access_log and demo changes take effect at the next restart");
+        }
+        let listener_configs = config.listeners.clone();
+        let mut listeners = self.listeners.lock();
+        let pending = listeners.prepare(&listener_configs)?;
+        let snapshot = self.publisher.apply(config)?;
+        listeners.activate(pending, &listener_configs);
+        tracing::info!(version = snapshot.version, "configuration applied");
+        Ok(snapshot.version)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.publisher.load().version
+    }
+
+    /// Addresses the listeners are bound to, by listener name.
+    pub fn local_addrs(&self) -> HashMap<String, SocketAddr> {
+        self.listeners.lock().local_addrs()
+    }
+
+    pub fn listener_stats(&self, name: &str) -> Option<Arc<ListenerStats>> {
+        self.listeners.lock().stats(name)
+    }
+
+    pub fn demo_addr(&self) -> Option<SocketAddr> {
+        self.demo_addr
+    }
+
+    pub fn reopen_access_log(&self) {
+        self.proxy.access_log.reopen();
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        self.publisher.load().config.drain_timeout.0 .0
+    }
+
+    /// Graceful shutdown: stop accepting (new connections are refused), let in-flight
+    /// requests and upgraded streams finish up to `timeout`, then return. Returns whether
+    /// everything finished inside the window.
+    pub async fn drain(&self, timeout: Duration) -> bool {
+        let connections = self.listeners.lock().stop_all();
+        let deadline = tokio::time::Instant::now() + timeout;
+        let connections_done = tokio::time::timeout_at(deadline, connections.wait())
+            .await
+            .is_ok();
+        self.proxy.tunnels.close();
+        let tunnels_done = tokio::time::timeout_at(deadline, self.proxy.tunnels.wait())
+            .await
+            .is_ok();
+        connections_done && tunnels_done
+    }
+}

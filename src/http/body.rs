@@ -1,0 +1,308 @@
+//! Body types on both sides of the proxy. Bodies stream frame by frame with hyper's
+//! backpressure; these wrappers add only what the proxy must enforce: the request body
+//! limit, idle and total timeouts, byte counting, and writing the access-log line exactly
+//! once when the response is finished or abandoned.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::telemetry::LogGuard;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a body stream stopped early. Mapped to a status in `http::error`.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("no body data for {0:?}")]
+    IdleTimeout(Duration),
+    #[error("request deadline reached while streaming the body")]
+    Deadline,
+    #[error("client body error: {0}")]
+    Client(hyper::Error),
+    #[error("upstream body error: {0}")]
+    Upstream(hyper::Error),
+}
+
+/// An idle timer that resets on each frame and a fixed deadline, both optional.
+pub struct Timers {
+    idle: Option<(Duration, Pin<Box<Sleep>>)>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl Timers {
+    pub fn new(idle: Option<Duration>, deadline: Option<Instant>) -> Timers {
+        Timers {
+            idle: idle.map(|period| (period, Box::pin(tokio::time::sleep(period)))),
+            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+        }
+    }
+
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BodyError> {
+        if let Some(deadline) = &mut self.deadline {
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Some(BodyError::Deadline);
+            }
+        }
+        if let Some((period, sleep)) = &mut self.idle {
+            if sleep.as_mut().poll(cx).is_ready() {
+                return Some(BodyError::IdleTimeout(*period));
+            }
+        }
+        None
+    }
+
+    fn touch(&mut self) {
+        if let Some((period, sleep)) = &mut self.idle {
+            sleep.as_mut().reset(Instant::now() + *period);
+        }
+    }
+}
+
+/// The request body sent upstream: the client's body with the limit and timeouts applied.
+pub struct RequestBody {
+    inner: Option<Incoming>,
+    /// A frame read ahead of forwarding (see `RequestBody::peek_first`).
+    peeked: Option<Frame<Bytes>>,
+    limit: Option<u64>,
+    seen: u64,
+    timers: Timers,
+}
+
+impl RequestBody {
+    pub fn new(inner: Incoming, limit: Option<u64>, timers: Timers) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            peeked: None,
+            limit,
+            seen: 0,
+            timers,
+        }
+    }
+
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            peeked: None,
+            limit: None,
+            seen: 0,
+            timers: Timers::new(None, None),
+        }
+    }
+
+    /// Reads the first frame before anything is sent upstream, so a malformed chunked body
+    /// is answered with 400 instead of reaching the backend as a truncated request.
+    pub async fn peek_first(&mut self) -> Result<(), BodyError> {
+        let Some(inner) = self.inner.as_mut() else {
+            return Ok(());
+        };
+        match std::future::poll_fn(|cx| Pin::new(&mut *inner).poll_frame(cx)).await {
+            Some(Ok(frame)) => {
+                self.count(&frame)?;
+                self.peeked = Some(frame);
+            }
+            Some(Err(err)) => return Err(BodyError::Client(err)),
+            None => self.inner = None,
+        }
+        Ok(())
+    }
+
+    fn count(&mut self, frame: &Frame<Bytes>) -> Result<(), BodyError> {
+        if let Some(data) = frame.data_ref() {
+            self.seen += data.len() as u64;
+            if let Some(limit) = self.limit {
+                if self.seen > limit {
+                    return Err(BodyError::TooLarge { limit });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        if let Some(frame) = this.peeked.take() {
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timers.touch();
+                if let Err(err) = this.count(&frame) {
+                    this.inner = None;
+                    return Poll::Ready(Some(Err(err)));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(BodyError::Client(err))))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => match this.timers.poll_expired(cx) {
+                Some(err) => {
+                    this.inner = None;
+                    Poll::Ready(Some(Err(err)))
+                }
+                None => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.peeked.is_none()
+            && self
+                .inner
+                .as_ref()
+                .is_none_or(|inner| inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.inner, &self.peeked) {
+            (None, None) => SizeHint::with_exact(0),
+            (Some(inner), None) => inner.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+enum Source {
+    Empty,
+    Full(Option<Bytes>),
+    Upstream(Incoming),
+}
+
+/// The response body sent to the client.
+pub struct ResponseBody {
+    source: Source,
+    timers: Timers,
+    log: Option<LogGuard>,
+}
+
+impl ResponseBody {
+    pub fn empty() -> ResponseBody {
+        ResponseBody {
+            source: Source::Empty,
+            timers: Timers::new(None, None),
+            log: None,
+        }
+    }
+
+    pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+        ResponseBody {
+            source: Source::Full(Some(bytes.into())),
+            timers: Timers::new(None, None),
+            log: None,
+        }
+    }
+
+    pub fn upstream(body: Incoming, timers: Timers) -> ResponseBody {
+        ResponseBody {
+            source: Source::Upstream(body),
+            timers,
+            log: None,
+        }
+    }
+
+    /// Attaches the access-log record; it is written when this body ends or is dropped.
+    pub fn with_log(mut self, log: LogGuard) -> ResponseBody {
+        self.log = Some(log);
+        self
+    }
+
+    fn finish(&mut self, error: Option<&BodyError>) {
+        self.source = Source::Empty;
+        if let Some(mut log) = self.log.take() {
+            if let Some(error) = error {
+                log.body_error(error);
+            }
+            drop(log);
+        }
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        let polled = match &mut this.source {
+            Source::Empty => Poll::Ready(None),
+            Source::Full(bytes) => Poll::Ready(bytes.take().map(|b| Ok(Frame::data(b)))),
+            Source::Upstream(body) => match Pin::new(body).poll_frame(cx) {
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(BodyError::Upstream(err)))),
+                Poll::Ready(other) => {
+                    Poll::Ready(other.map(|frame| frame.map_err(BodyError::Upstream)))
+                }
+                Poll::Pending => match this.timers.poll_expired(cx) {
+                    Some(err) => Poll::Ready(Some(Err(err))),
+                    None => Poll::Pending,
+                },
+            },
+        };
+        match polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timers.touch();
+                if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
+                    log.add_bytes_out(data.len() as u64);
+                }
+                if matches!(this.source, Source::Full(None)) {
+                    this.finish(None);
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) => {
+                this.finish(Some(&err));
+                Poll::Ready(Some(Err(err)))
+            }
+            Poll::Ready(None) => {
+                this.finish(None);
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.source {
+            Source::Empty => true,
+            Source::Full(bytes) => bytes.is_none(),
+            Source::Upstream(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.source {
+            Source::Empty => SizeHint::with_exact(0),
+            Source::Full(bytes) => {
+                SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            Source::Upstream(body) => body.size_hint(),
+        }
+    }
+}

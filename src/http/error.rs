@@ -1,0 +1,166 @@
+//! The one place that maps proxy failures to HTTP status codes (SPEC HTTP-11) and renders
+//! them: a short JSON body with the request id, or a gRPC status for gRPC requests.
+
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use super::body::{BodyError, ResponseBody};
+use crate::upstream::UpstreamError;
+
+/// Everything that can stop the proxy from producing the upstream's response.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("no route matches this request")]
+    NoRoute,
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("request URI longer than {0} bytes")]
+    UriTooLong(u64),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("request body: {0}")]
+    Body(#[from] BodyError),
+}
+
+impl ProxyError {
+    /// The proxy error behind an upstream failure, if the failure was really the client's
+    /// request body (too large, malformed, stalled).
+    pub fn from_upstream(err: UpstreamError) -> ProxyError {
+        if let UpstreamError::Request(hyper_err) = &err {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(hyper_err);
+            while let Some(current) = source {
+                if let Some(body) = current.downcast_ref::<BodyError>() {
+                    let body = match body {
+                        BodyError::TooLarge { limit } => BodyError::TooLarge { limit: *limit },
+                        BodyError::IdleTimeout(period) => BodyError::IdleTimeout(*period),
+                        BodyError::Deadline => BodyError::Deadline,
+                        BodyError::Client(_) | BodyError::Upstream(_) => {
+                            return ProxyError::BadRequest("malformed or aborted request body")
+                        }
+                    };
+                    return ProxyError::Body(body);
+                }
+                source = current.source();
+            }
+        }
+        ProxyError::Upstream(err)
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::NoRoute => StatusCode::NOT_FOUND,
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ProxyError::Body(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            ProxyError::Body(BodyError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
+            ProxyError::Body(BodyError::Deadline) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Body(BodyError::Client(_)) => StatusCode::BAD_REQUEST,
+            ProxyError::Body(BodyError::Upstream(_)) => StatusCode::BAD_GATEWAY,
+            ProxyError::Upstream(UpstreamError::ResponseTimeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+                StatusCode::GATEWAY_TIMEOUT
+            }
+            ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A stable machine-readable name for the body and the access log.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::NoRoute => "no_route",
+            ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::UriTooLong(_) => "uri_too_long",
+            ProxyError::Body(BodyError::TooLarge { .. }) => "body_too_large",
+            ProxyError::Body(BodyError::IdleTimeout(_)) => "request_body_timeout",
+            ProxyError::Body(BodyError::Deadline) => "request_timeout",
+            ProxyError::Body(_) => "bad_request_body",
+            ProxyError::Upstream(UpstreamError::Connect { .. }) => "upstream_connect_failed",
+            ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+                "upstream_connect_timeout"
+            }
+            ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream_handshake_failed",
+            ProxyError::Upstream(UpstreamError::Request(_)) => "upstream_bad_response",
+            ProxyError::Upstream(UpstreamError::ResponseTimeout(_)) => "upstream_timeout",
+            ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => "no_healthy_upstream",
+        }
+    }
+}
+
+/// gRPC status codes for proxy failures (grpc/doc/statuscodes.md mapping from HTTP).
+fn grpc_code(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 13,       // INTERNAL
+        401 => 16,       // UNAUTHENTICATED
+        403 => 7,        // PERMISSION_DENIED
+        404 => 12,       // UNIMPLEMENTED
+        408 | 504 => 4,  // DEADLINE_EXCEEDED
+        413 | 429 => 8,  // RESOURCE_EXHAUSTED
+        502..=503 => 14, // UNAVAILABLE
+        _ => 2,          // UNKNOWN
+    }
+}
+
+/// Renders a proxy-generated error response.
+pub fn error_response(
+    error: &ProxyError,
+    request_id: &HeaderValue,
+    grpc: bool,
+) -> Response<ResponseBody> {
+    let status = error.status();
+    let message = error.to_string();
+    let response = if grpc {
+        // Trailers-only gRPC response: HTTP 200 with the status in the header block.
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.insert(
+            "grpc-status",
+            HeaderValue::from(u16::from(grpc_code(status))),
+        );
+        let encoded: String = percent_encode_grpc(&message);
+        if let Ok(value) = HeaderValue::from_str(&encoded) {
+            headers.insert("grpc-message", value);
+        }
+        response
+    } else {
+        let body = serde_json::json!({
+            "error": error.code(),
+            "message": message,
+            "status": status.as_u16(),
+            "request_id": request_id.to_str().unwrap_or(""),
+        });
+        let mut response = Response::new(ResponseBody::full(body.to_string()));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    };
+    response
+}
+
+/// grpc-message is percent-encoded (gRPC over HTTP/2 spec).
+fn percent_encode_grpc(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    for byte in message.bytes() {
+        if (0x20..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}

@@ -1,0 +1,75 @@
+//! The L7 engine: hyper server glue for HTTP/1.x and h2c on one port, the per-request
+//! proxy pipeline, header hygiene, body wrappers and the error-to-status map.
+//! It never picks endpoints itself (that is `upstream`) or parses config (`config`).
+
+pub mod body;
+pub mod error;
+pub mod headers;
+pub mod proxy;
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ListenerConfig;
+pub use proxy::{Connection, Proxy};
+
+/// Serves one accepted connection until it closes. When `drain` fires, the connection
+/// finishes its in-flight requests and closes (HTTP/2 sends GOAWAY).
+pub async fn serve_connection(
+    proxy: Arc<Proxy>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: Arc<ListenerConfig>,
+    drain: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let limits = &listener.limits;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_header_timeout.0)
+        .max_buf_size(limits.max_request_header_bytes.0.max(8192) as usize)
+        .max_headers(limits.max_request_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_stream_window_size(clamp_window(limits.h2_initial_stream_window.0))
+        .initial_connection_window_size(clamp_window(limits.h2_initial_connection_window.0))
+        .max_header_list_size(limits.max_request_header_bytes.0.min(u64::from(u32::MAX)) as u32)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
+    let conn = Arc::new(Connection {
+        peer,
+        listener_name: listener.name.as_str().into(),
+        listener: listener.clone(),
+        scheme: "http",
+        requests: AtomicU64::new(0),
+    });
+    let service = service_fn(move |request| proxy.clone().handle(conn.clone(), request));
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = drain.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
+    }
+}
+
+fn clamp_window(bytes: u64) -> u32 {
+    bytes.clamp(65_535, (1 << 31) - 1) as u32
+}

@@ -1,0 +1,542 @@
+//! The per-request pipeline: begin (snapshot, client address, request id) → route →
+//! answer directly or forward upstream → stream the response back → log once.
+//!
+//! Later features attach as route filters between routing and forwarding; this file keeps
+//! the phases explicit so they have one place to go.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, LOCATION, SERVER, TE,
+    TRANSFER_ENCODING, UPGRADE, USER_AGENT,
+};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+
+use super::body::{RequestBody, ResponseBody, Timers};
+use super::error::{error_response, is_grpc, ProxyError};
+use super::headers::{self, ForwardInfo};
+use crate::config::{ListenerConfig, UpstreamProtocol};
+use crate::route::{normalize_host, RequestFacts};
+use crate::snapshot::{Action, PathRewrite, Publisher, Route, Snapshot};
+use crate::telemetry::{AccessLog, AccessRecord, LogGuard};
+use crate::upstream::UpstreamError;
+
+/// State shared by every connection of every HTTP listener.
+pub struct Proxy {
+    pub publisher: Arc<Publisher>,
+    pub access_log: AccessLog,
+    /// Upgraded tunnels (WebSocket) outlive their HTTP connection; drain waits for them.
+    pub tunnels: TaskTracker,
+}
+
+/// One downstream connection.
+pub struct Connection {
+    pub peer: SocketAddr,
+    pub listener: Arc<ListenerConfig>,
+    pub listener_name: Arc<str>,
+    pub scheme: &'static str,
+    pub requests: AtomicU64,
+}
+
+/// What the pipeline learned before forwarding, shared by the log and error paths.
+struct Exchange {
+    snapshot: Arc<Snapshot>,
+    request_id: HeaderValue,
+    grpc: bool,
+    log: Option<LogGuard>,
+}
+
+impl Proxy {
+    /// hyper's service entry point: never fails; every error becomes a response.
+    pub async fn handle(
+        self: Arc<Self>,
+        conn: Arc<Connection>,
+        request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Infallible> {
+        let snapshot = self.publisher.load();
+        let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        let request_id = request
+            .headers()
+            .get(&snapshot.http.request_id_header)
+            .filter(|value| headers::valid_request_id(value))
+            .cloned()
+            .unwrap_or_else(headers::new_request_id);
+        let client_ip = headers::client_ip(conn.peer.ip(), request.headers(), &snapshot.http);
+        let log = self
+            .access_log
+            .begin(begin_record(&conn, &request, &request_id, client_ip));
+        let mut exchange = Exchange {
+            grpc: is_grpc(request.headers()),
+            snapshot,
+            request_id,
+            log,
+        };
+        let started = Instant::now();
+        let outcome = self
+            .route_and_forward(&conn, request, client_ip, &mut exchange, started)
+            .await;
+        let mut response = match outcome {
+            Ok(response) => response,
+            Err(error) => {
+                if let Some(log) = exchange.log.as_mut() {
+                    log.record().error = Some(error.to_string());
+                }
+                if error.status().is_server_error() {
+                    tracing::warn!(request_id = ?exchange.request_id, error = %error, "proxy error");
+                }
+                error_response(&error, &exchange.request_id, exchange.grpc)
+            }
+        };
+        let headers = response.headers_mut();
+        headers.insert(
+            &exchange.snapshot.http.request_id_header,
+            exchange.request_id.clone(),
+        );
+        let limit = conn.listener.limits.max_requests_per_connection;
+        if limit > 0 && served >= limit && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if let Some(mut log) = exchange.log.take() {
+            log.record().status = response.status().as_u16();
+            let (parts, body) = response.into_parts();
+            response = Response::from_parts(parts, body.with_log(log));
+        }
+        Ok(response)
+    }
+
+    async fn route_and_forward(
+        &self,
+        conn: &Connection,
+        request: Request<Incoming>,
+        client_ip: std::net::IpAddr,
+        exchange: &mut Exchange,
+        started: Instant,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let limits = &conn.listener.limits;
+        let uri_len = request
+            .uri()
+            .path_and_query()
+            .map_or(0, |pq| pq.as_str().len()) as u64;
+        if uri_len > limits.max_uri_bytes.0 {
+            return Err(ProxyError::UriTooLong(limits.max_uri_bytes.0));
+        }
+        if request.headers().contains_key(TRANSFER_ENCODING)
+            && request.headers().contains_key(CONTENT_LENGTH)
+        {
+            // RFC 9112 §6.1: a request with both is a smuggling attempt until proven otherwise.
+            return Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ));
+        }
+        let snapshot = exchange.snapshot.clone();
+        let host_raw = request_host(&request).map(str::to_owned);
+        let host = normalize_host(host_raw.as_deref().unwrap_or(""));
+        let facts = RequestFacts {
+            host: &host,
+            path: request.uri().path(),
+            query: request.uri().query(),
+            method: request.method(),
+            headers: request.headers(),
+            client_ip,
+        };
+        let index = snapshot.router.lookup(&facts).ok_or(ProxyError::NoRoute)?;
+        let route = &snapshot.routes[index];
+        if let Some(log) = exchange.log.as_mut() {
+            log.record().route = Some(route.name.clone());
+        }
+        match &route.action {
+            Action::Direct {
+                status,
+                body,
+                content_type,
+            } => {
+                let mut response = Response::new(ResponseBody::full(body.clone()));
+                *response.status_mut() = *status;
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, content_type.clone());
+                Ok(response)
+            }
+            Action::Redirect { status, location } => {
+                let target = expand_location(
+                    location,
+                    conn.scheme,
+                    host_raw.as_deref().unwrap_or(""),
+                    request.uri(),
+                );
+                let mut response = Response::new(ResponseBody::empty());
+                *response.status_mut() = *status;
+                let value = HeaderValue::from_str(&target)
+                    .map_err(|_| ProxyError::BadRequest("redirect target is not a valid header"))?;
+                response.headers_mut().insert(LOCATION, value);
+                Ok(response)
+            }
+            Action::Forward(_) => {
+                let route = route.clone();
+                self.forward(
+                    conn, request, &route, client_ip, host_raw, exchange, started,
+                )
+                .await
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn forward(
+        &self,
+        conn: &Connection,
+        request: Request<Incoming>,
+        route: &Arc<Route>,
+        client_ip: std::net::IpAddr,
+        host_raw: Option<String>,
+        exchange: &mut Exchange,
+        started: Instant,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        let Action::Forward(pool) = &route.action else {
+            return Err(ProxyError::NoRoute);
+        };
+        let snapshot = &exchange.snapshot;
+        let (mut parts, body) = request.into_parts();
+        let downstream_version = parts.version;
+
+        let body_limit = route
+            .max_request_body
+            .unwrap_or_else(|| conn.listener.limits.max_request_body.non_zero());
+        if let Some(limit) = body_limit {
+            let declared = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            if declared.is_some_and(|length| length > limit) {
+                return Err(ProxyError::Body(super::body::BodyError::TooLarge { limit }));
+            }
+        }
+        let deadline = request_deadline(&parts.headers, exchange.grpc, route.timeouts.total)
+            .map(|d| started + d);
+        let chunked = parts.headers.contains_key(TRANSFER_ENCODING);
+        let mut body =
+            RequestBody::new(body, body_limit, Timers::new(route.timeouts.idle, deadline));
+        if chunked && downstream_version <= Version::HTTP_11 {
+            let wait = route.timeouts.idle.unwrap_or(Duration::from_secs(60));
+            match tokio::time::timeout(wait, body.peek_first()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(ProxyError::Body(err)),
+                Err(_) => return Err(ProxyError::Body(super::body::BodyError::IdleTimeout(wait))),
+            }
+        }
+
+        let upgrade = if downstream_version == Version::HTTP_11 {
+            headers::upgrade_requested(&parts.headers)
+        } else {
+            None
+        };
+        let downstream_upgrade = upgrade
+            .as_ref()
+            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+        let te_trailers = headers::remove_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(EXPECT);
+        parts.headers.remove(HOST);
+        if te_trailers {
+            parts
+                .headers
+                .insert(TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(protocol) = &upgrade {
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol.clone());
+        }
+
+        let endpoint = pool.pick()?;
+        if let Some(log) = exchange.log.as_mut() {
+            log.record().pool = Some(pool.name.clone());
+            log.record().endpoint = Some(endpoint.address.clone());
+        }
+        let upstream_host: HeaderValue = match (&route.host_rewrite, route.preserve_host, &host_raw)
+        {
+            (Some(rewrite), _, _) => rewrite.clone(),
+            (None, true, Some(original)) => HeaderValue::from_str(original)
+                .map_err(|_| ProxyError::BadRequest("invalid host"))?,
+            _ => HeaderValue::from_str(&endpoint.address)
+                .map_err(|_| ProxyError::BadRequest("invalid host"))?,
+        };
+        headers::set_forwarding(
+            &mut parts.headers,
+            &ForwardInfo {
+                peer: conn.peer.ip(),
+                client: client_ip,
+                proto: conn.scheme,
+                host: host_raw.as_deref(),
+            },
+            &snapshot.http,
+            downstream_version,
+        );
+        parts.headers.insert(
+            &snapshot.http.request_id_header,
+            exchange.request_id.clone(),
+        );
+
+        let path_and_query = rewritten_path(&route.rewrite, &parts.uri);
+        parts.uri = match pool.protocol {
+            UpstreamProtocol::Http1 => {
+                parts.version = Version::HTTP_11;
+                parts.headers.insert(HOST, upstream_host);
+                Uri::try_from(path_and_query)
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?
+            }
+            UpstreamProtocol::H2c => {
+                parts.version = Version::HTTP_2;
+                let authority = upstream_host
+                    .to_str()
+                    .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                Uri::builder()
+                    .scheme("http")
+                    .authority(authority)
+                    .path_and_query(path_and_query)
+                    .build()
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?
+            }
+        };
+
+        let upstream_request = Request::from_parts(parts, body);
+        let mut header_wait = route.timeouts.response_header;
+        if let Some(deadline) = deadline {
+            header_wait = header_wait.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        let sent_at = Instant::now();
+        let response = tokio::time::timeout(
+            header_wait,
+            endpoint.connections.send(upstream_request, &pool.settings),
+        )
+        .await
+        .map_err(|_| ProxyError::Upstream(UpstreamError::ResponseTimeout(header_wait)))?
+        .map_err(ProxyError::from_upstream)?;
+        if let Some(log) = exchange.log.as_mut() {
+            log.record().upstream_ms = Some(sent_at.elapsed().as_secs_f64() * 1000.0);
+        }
+
+        let (mut parts, body) = response.into_parts();
+        if let (Some(protocol), Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
+            (&upgrade, downstream_upgrade, parts.status)
+        {
+            let upstream = parts.extensions.remove::<OnUpgrade>();
+            headers::remove_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(UPGRADE, protocol.clone());
+            if let Some(upstream) = upstream {
+                self.tunnels.spawn(tunnel(downstream, upstream));
+            }
+            return Ok(Response::from_parts(parts, ResponseBody::empty()));
+        }
+        headers::remove_hop_by_hop(&mut parts.headers);
+        if snapshot.http.hide_upstream_server {
+            parts.headers.remove(SERVER);
+        }
+        if snapshot.http.add_via {
+            headers::append_via(&mut parts.headers, parts.version);
+        }
+        let timers = Timers::new(route.timeouts.idle, deadline);
+        Ok(Response::from_parts(
+            parts,
+            ResponseBody::upstream(body, timers),
+        ))
+    }
+}
+
+fn request_host<B>(request: &Request<B>) -> Option<&str> {
+    request
+        .uri()
+        .authority()
+        .map(|authority| authority.as_str())
+        .or_else(|| request.headers().get(HOST).and_then(|v| v.to_str().ok()))
+}
+
+fn begin_record<B>(
+    conn: &Connection,
+    request: &Request<B>,
+    request_id: &HeaderValue,
+    client_ip: std::net::IpAddr,
+) -> AccessRecord {
+    AccessRecord {
+        request_id: request_id.to_str().unwrap_or_default().to_owned(),
+        client_ip: Some(client_ip),
+        listener: conn.listener_name.clone(),
+        protocol: match request.version() {
+            Version::HTTP_10 => "HTTP/1.0",
+            Version::HTTP_2 => "HTTP/2",
+            _ => "HTTP/1.1",
+        },
+        method: request.method().as_str().to_owned(),
+        host: request_host(request).unwrap_or_default().to_owned(),
+        path: request.uri().path().to_owned(),
+        query: request.uri().query().map(str::to_owned),
+        user_agent: request
+            .headers()
+            .get(USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+        ..AccessRecord::now()
+    }
+}
+
+/// The deadline for the whole exchange: the route's total timeout, tightened by a gRPC
+/// client's `grpc-timeout`.
+fn request_deadline(
+    headers: &http::HeaderMap,
+    grpc: bool,
+    total: Option<Duration>,
+) -> Option<Duration> {
+    let grpc_timeout = if grpc {
+        headers
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+    } else {
+        None
+    };
+    match (total, grpc_timeout) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `grpc-timeout` is at most 8 digits and a unit: H, M, S, m, u or n.
+fn parse_grpc_timeout(value: &str) -> Option<Duration> {
+    if value.len() < 2 || value.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = value.split_at(value.len() - 1);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.checked_mul(3600)?),
+        "M" => Duration::from_secs(amount.checked_mul(60)?),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn rewritten_path(rewrite: &PathRewrite, uri: &Uri) -> String {
+    let path = uri.path();
+    let new_path = match rewrite {
+        PathRewrite::None => None,
+        PathRewrite::StripPrefix(prefix) => path.strip_prefix(prefix.as_str()).map(|rest| {
+            if rest.starts_with('/') {
+                rest.to_string()
+            } else {
+                format!("/{rest}")
+            }
+        }),
+        PathRewrite::ReplacePrefix { from, to } => path.strip_prefix(from.as_str()).map(|rest| {
+            let joined = format!("{}{}", to.trim_end_matches('/'), rest);
+            if joined.is_empty() {
+                "/".to_string()
+            } else {
+                joined
+            }
+        }),
+        PathRewrite::Regex {
+            pattern,
+            replacement,
+        } => Some(pattern.replace(path, replacement.as_str()).into_owned()),
+    };
+    let path = new_path.as_deref().unwrap_or(path);
+    match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    }
+}
+
+fn expand_location(template: &str, scheme: &str, host: &str, uri: &Uri) -> String {
+    let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let request_uri = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    template
+        .replace("{scheme}", scheme)
+        .replace("{host}", host)
+        .replace("{path}", uri.path())
+        .replace("{query}", &query)
+        .replace("{request_uri}", request_uri)
+}
+
+/// Relays an upgraded connection (WebSocket) byte for byte until either side closes.
+async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
+    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+        Ok(pair) => pair,
+        Err(err) => {
+            tracing::debug!(error = %err, "upgrade failed");
+            return;
+        }
+    };
+    let mut downstream = TokioIo::new(downstream);
+    let mut upstream = TokioIo::new(upstream);
+    if let Err(err) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        tracing::debug!(error = %err, "upgraded tunnel closed with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("5x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn path_rewrites_keep_the_query() {
+        let uri: Uri = "/api/users?id=1".parse().unwrap();
+        assert_eq!(
+            rewritten_path(&PathRewrite::StripPrefix("/api".into()), &uri),
+            "/users?id=1"
+        );
+        assert_eq!(
+            rewritten_path(&PathRewrite::StripPrefix("/api/users".into()), &uri),
+            "/?id=1"
+        );
+        let replace = PathRewrite::ReplacePrefix {
+            from: "/api".into(),
+            to: "/v2".into(),
+        };
+        assert_eq!(rewritten_path(&replace, &uri), "/v2/users?id=1");
+        let regex = PathRewrite::Regex {
+            pattern: regex::Regex::new("^/api/(.*)$").unwrap(),
+            replacement: "/x/$1".into(),
+        };
+        assert_eq!(rewritten_path(&regex, &uri), "/x/users?id=1");
+    }
+
+    #[test]
+    fn redirect_templates_expand() {
+        let uri: Uri = "/a/b?c=d".parse().unwrap();
+        assert_eq!(
+            expand_location("https://{host}{request_uri}", "http", "ex.test", &uri),
+            "https://ex.test/a/b?c=d"
+        );
+        assert_eq!(
+            expand_location("{scheme}://x{path}{query}", "http", "h", &uri),
+            "http://x/a/b?c=d"
+        );
+    }
+}

@@ -1,0 +1,16 @@
+//! Gatehouse: a traffic gateway. The library holds everything; `main.rs` is a thin CLI.
+//!
+//! Control plane: `config` (schema, load, validate) → `snapshot` (compile, publish).
+//! Data plane: `listener` (accept) → `http` (pipeline) → `route` (match) → `upstream`
+//! (pools, connections). `telemetry` reports, `ops` handles signals, `gateway` ties them.
+
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod http;
+pub mod listener;
+pub mod ops;
+pub mod route;
+pub mod snapshot;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,250 @@
+//! Listening sockets and accept loops: binding (with `SO_REUSEPORT` when asked), the
+//! per-listener connection limit, and handing each accepted connection to the HTTP engine.
+//! Listener state (live connection counts) is keyed by listener name and survives reloads.
+//!
+//! Later connection-pipeline stages (PROXY protocol, firewall, ClientHello sniffing) slot in
+//! between accept and `http::serve_connection`, in the order SPEC CONN-2 fixes.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::ListenerConfig;
+use crate::http::{serve_connection, Proxy};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ListenerError {
+    #[error("listeners[{name}]: cannot bind {address}: {source}")]
+    Bind {
+        name: String,
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Live counters for one listener.
+#[derive(Default)]
+pub struct ListenerStats {
+    pub active: AtomicUsize,
+    pub accepted: AtomicU64,
+    pub rejected_limit: AtomicU64,
+}
+
+/// Decrements the active count when a connection ends, however it ends.
+struct ActiveGuard(Arc<ListenerStats>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+struct Running {
+    bind: String,
+    reuse_port: bool,
+    local_addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+/// The set of listeners currently accepting.
+pub struct Listeners {
+    proxy: Arc<Proxy>,
+    /// Fired once at shutdown: every connection finishes in-flight work and closes.
+    drain: CancellationToken,
+    connections: TaskTracker,
+    running: HashMap<String, Running>,
+    stats: HashMap<String, Arc<ListenerStats>>,
+}
+
+/// Sockets bound for a new config but not yet accepting; dropping it releases them.
+pub struct Pending {
+    bound: Vec<(Arc<ListenerConfig>, TcpListener)>,
+}
+
+impl Listeners {
+    pub fn new(proxy: Arc<Proxy>) -> Listeners {
+        Listeners {
+            proxy,
+            drain: CancellationToken::new(),
+            connections: TaskTracker::new(),
+            running: HashMap::new(),
+            stats: HashMap::new(),
+        }
+    }
+
+    /// Binds every listener in `configs` that is not already running with the same
+    /// address. Nothing starts accepting until `activate`; on error nothing changes.
+    pub fn prepare(&self, configs: &[ListenerConfig]) -> Result<Pending, ListenerError> {
+        let mut bound = Vec::new();
+        for config in configs {
+            let unchanged = self.running.get(&config.name).is_some_and(|running| {
+                running.bind == config.bind && running.reuse_port == config.reuse_port
+            });
+            if unchanged {
+                continue;
+            }
+            let listener = bind(config).map_err(|source| ListenerError::Bind {
+                name: config.name.clone(),
+                address: config.bind.clone(),
+                source,
+            })?;
+            bound.push((Arc::new(config.clone()), listener));
+        }
+        Ok(Pending { bound })
+    }
+
+    /// Starts the newly bound listeners and stops those no longer in `configs`
+    /// (or replaced by a new address). Connections already accepted keep running.
+    pub fn activate(&mut self, pending: Pending, configs: &[ListenerConfig]) {
+        let replaced: Vec<String> = pending
+            .bound
+            .iter()
+            .map(|(config, _)| config.name.clone())
+            .collect();
+        let removed: Vec<String> = self
+            .running
+            .keys()
+            .filter(|name| replaced.contains(name) || !configs.iter().any(|c| &c.name == *name))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(running) = self.running.remove(&name) {
+                running.stop.cancel();
+                tracing::info!(name = %name, addr = %running.local_addr, "listener stopped");
+            }
+        }
+        self.stats
+            .retain(|name, _| configs.iter().any(|c| &c.name == name));
+        for (config, listener) in pending.bound {
+            let Ok(local_addr) = listener.local_addr() else {
+                continue;
+            };
+            let stop = CancellationToken::new();
+            let stats = self.stats.entry(config.name.clone()).or_default().clone();
+            tracing::info!(name = %config.name, addr = %local_addr, "listener bound");
+            let conns = Connections {
+                drain: self.drain.clone(),
+                tracker: self.connections.clone(),
+            };
+            tokio::spawn(accept_loop(
+                self.proxy.clone(),
+                config.name.clone(),
+                listener,
+                stats,
+                stop.clone(),
+                conns,
+            ));
+            self.running.insert(
+                config.name.clone(),
+                Running {
+                    bind: config.bind.clone(),
+                    reuse_port: config.reuse_port,
+                    local_addr,
+                    stop,
+                },
+            );
+        }
+    }
+
+    /// Stops accepting everywhere (the sockets close, so new connections are refused) and
+    /// asks every open connection to finish its in-flight work and close. The returned
+    /// tracker completes when the last connection has ended.
+    pub fn stop_all(&mut self) -> TaskTracker {
+        for (_, running) in self.running.drain() {
+            running.stop.cancel();
+        }
+        self.drain.cancel();
+        self.connections.close();
+        self.connections.clone()
+    }
+
+    pub fn local_addrs(&self) -> HashMap<String, SocketAddr> {
+        self.running
+            .iter()
+            .map(|(name, running)| (name.clone(), running.local_addr))
+            .collect()
+    }
+
+    pub fn stats(&self, name: &str) -> Option<Arc<ListenerStats>> {
+        self.stats.get(name).cloned()
+    }
+}
+
+fn bind(config: &ListenerConfig) -> std::io::Result<TcpListener> {
+    let addr: SocketAddr = config
+        .bind
+        .parse()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "invalid address"))?;
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if config.reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    if addr.is_ipv6() {
+        // `[::]` means IPv6 only unless an operator binds 0.0.0.0 separately; explicit is
+        // better than the kernel's default varying by sysctl.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Where an accept loop registers the connections it starts.
+struct Connections {
+    drain: CancellationToken,
+    tracker: TaskTracker,
+}
+
+async fn accept_loop(
+    proxy: Arc<Proxy>,
+    name: String,
+    listener: TcpListener,
+    stats: Arc<ListenerStats>,
+    stop: CancellationToken,
+    conns: Connections,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(err) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(listener = %name, error = %err, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let snapshot = proxy.publisher.load();
+        let Some(config) = snapshot.listener(&name).cloned() else {
+            continue;
+        };
+        stats.accepted.fetch_add(1, Ordering::Relaxed);
+        let limit = config.max_connections as usize;
+        let active = stats.active.fetch_add(1, Ordering::Relaxed);
+        let guard = ActiveGuard(stats.clone());
+        if limit != 0 && active >= limit {
+            stats.rejected_limit.fetch_add(1, Ordering::Relaxed);
+            drop(stream);
+            drop(guard);
+            continue;
+        }
+        let proxy = proxy.clone();
+        let drain = conns.drain.clone();
+        conns.tracker.spawn(async move {
+            serve_connection(proxy, stream, peer, config, drain).await;
+            drop(guard);
+        });
+    }
+}
