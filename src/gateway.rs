@@ -137,15 +137,24 @@ impl Gateway {
     /// requests and upgraded streams finish up to `timeout`, then return. Returns whether
     /// everything finished inside the window.
     pub async fn drain(&self, timeout: Duration) -> bool {
-        let connections = self.listeners.lock().stop_all();
+        let stopping = self.listeners.lock().stop_all();
         let deadline = tokio::time::Instant::now() + timeout;
-        let connections_done = tokio::time::timeout_at(deadline, connections.wait())
+        // Accept loops exit at their next poll; until then a connection can still be
+        // accepted and join the tracker, so waiting on connections first could return while
+        // one is being added (and an operator reading the log could still get connected).
+        let sockets_closed = tokio::time::timeout_at(deadline, stopping.sockets_closed.wait())
+            .await
+            .is_ok();
+        if sockets_closed {
+            tracing::info!("listeners closed; new connections are refused");
+        }
+        let connections_done = tokio::time::timeout_at(deadline, stopping.connections.wait())
             .await
             .is_ok();
         self.proxy.tunnels.close();
         let tunnels_done = tokio::time::timeout_at(deadline, self.proxy.tunnels.wait())
             .await
             .is_ok();
-        connections_done && tunnels_done
+        sockets_closed && connections_done && tunnels_done
     }
 }

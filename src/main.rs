@@ -1,6 +1,6 @@
 //! The `gatehouse` command line: `run`, `validate` and the one-line `proxy` mode.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn validate(file: &PathBuf) -> ExitCode {
+fn validate(file: &Path) -> ExitCode {
     match config::load_file(file) {
         Ok(config) => {
             let registry = gatehouse::upstream::UpstreamRegistry::default();

@@ -10,6 +10,7 @@ use std::path::Path;
 
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
+use serde_path_to_error::Segment;
 
 use super::validate::validate;
 use super::Config;
@@ -31,7 +32,9 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Every problem found in one config, in file order.
+/// Every problem found in one config, ordered by section (in schema order: `workers` …
+/// `listeners`, `pools`, `routes`) and element index, which is file order for a file laid
+/// out like the documentation.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
@@ -91,14 +94,69 @@ pub fn parse_str(
         }
     };
     let mut errors = Vec::new();
-    apply_env_overrides(&mut root, env, &mut errors);
+    let overridden = apply_env_overrides(&mut root, env, &mut errors);
     let (config, indexes) = deserialize_sections(root, &mut errors);
     validate(&config, &indexes, &mut errors);
     if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors(errors))
+        return Ok(config);
     }
+    for error in &mut errors {
+        note_env_source(error, &overridden);
+    }
+    errors.sort_by_cached_key(|error| file_position(&error.path));
+    Err(ConfigErrors(errors))
+}
+
+/// Top-level sections in the order the schema (and the documentation) lists them.
+const SECTIONS: &[&str] = &[
+    "workers",
+    "drain_timeout",
+    "log",
+    "access_log",
+    "http",
+    "demo",
+    "listeners",
+    "pools",
+    "routes",
+];
+
+/// Sort key for an error path: its section's place in `SECTIONS`, then its list index.
+/// Paths outside any section (syntax, `env …`, unknown keys) come first.
+fn file_position(path: &str) -> (usize, usize) {
+    let end = path.find(['.', '[']).unwrap_or(path.len());
+    let section = SECTIONS
+        .iter()
+        .position(|section| *section == &path[..end])
+        .map_or(0, |position| position + 1);
+    let index = path[end..]
+        .strip_prefix('[')
+        .and_then(|rest| rest.split(']').next())
+        .and_then(|index| index.parse().ok())
+        .unwrap_or(0);
+    (section, index)
+}
+
+/// An operator will not find an overridden value in the file, so an error about it names
+/// the environment variable that set it.
+fn note_env_source(error: &mut ConfigError, overridden: &[(String, String)]) {
+    let source = overridden
+        .iter()
+        .filter(|(path, _)| {
+            covers(path, &error.path)
+                || (covers(&error.path, path) && error.message.starts_with("unknown field"))
+        })
+        .max_by_key(|(path, _)| path.len());
+    if let Some((_, name)) = source {
+        error
+            .message
+            .push_str(&format!(" (set by environment variable {name})"));
+    }
+}
+
+/// Whether `path` is `prefix` or lies inside it (`listeners[0]` covers `listeners[0].bind`).
+fn covers(prefix: &str, path: &str) -> bool {
+    path.strip_prefix(prefix)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
 }
 
 fn syntax_error(kind: &str, err: &dyn fmt::Display) -> ConfigErrors {
@@ -110,12 +168,14 @@ fn syntax_error(kind: &str, err: &dyn fmt::Display) -> ConfigErrors {
 }
 
 /// `GATEHOUSE_LISTENERS__0__BIND=0.0.0.0:80` sets `listeners[0].bind`. Values are read as
-/// TOML scalars when they parse as one (`4`, `true`), else as strings.
+/// TOML scalars when they parse as one (`4`, `true`), else as strings. Returns the config
+/// path each applied variable set (`listeners[0].bind`) with the variable's name.
 fn apply_env_overrides(
     root: &mut Value,
     env: impl IntoIterator<Item = (String, String)>,
     errors: &mut Vec<ConfigError>,
-) {
+) -> Vec<(String, String)> {
+    let mut applied = Vec::new();
     let mut overrides: Vec<(String, String)> = env
         .into_iter()
         .filter(|(name, _)| {
@@ -135,13 +195,31 @@ fn apply_env_overrides(
             });
             continue;
         }
-        if let Err(message) = set_path(root, &segments, env_value(&raw)) {
-            errors.push(ConfigError {
+        match set_path(root, &segments, env_value(&raw)) {
+            Ok(()) => applied.push((render_path(&segments), name)),
+            Err(message) => errors.push(ConfigError {
                 path: format!("env {name}"),
                 message,
-            });
+            }),
         }
     }
+    applied
+}
+
+/// `["listeners", "0", "bind"]` → `listeners[0].bind`.
+fn render_path(segments: &[String]) -> String {
+    let mut path = String::new();
+    for segment in segments {
+        if segment.parse::<usize>().is_ok() {
+            path.push_str(&format!("[{segment}]"));
+        } else {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(segment);
+        }
+    }
+    path
 }
 
 fn env_value(raw: &str) -> Value {
@@ -172,56 +250,149 @@ fn set_path(node: &mut Value, segments: &[String], value: Value) -> Result<(), S
             set_path(item, rest, value)
         }
         Value::Object(map) => {
-            let child = map.entry(first.clone()).or_insert_with(|| {
-                if rest.is_empty() {
-                    Value::Null
-                } else {
-                    Value::Object(Map::new())
-                }
-            });
+            // A missing table is created; a missing list stays empty, so an index into it
+            // is reported as out of range rather than turning the list into a table.
+            let child = map
+                .entry(first.clone())
+                .or_insert_with(|| match rest.first() {
+                    None => Value::Null,
+                    Some(next) if next.parse::<usize>().is_ok() => Value::Array(Vec::new()),
+                    Some(_) => Value::Object(Map::new()),
+                });
             set_path(child, rest, value)
         }
         _ => Err(format!("cannot set {first:?} inside a scalar value")),
     }
 }
 
-/// Deserializes one value, turning a serde error into a path-carrying `ConfigError`.
+/// Mistakes reported from one element before giving up on it.
+const MAX_ERRORS_PER_SECTION: usize = 32;
+
+/// Deserializes one value, turning serde errors into path-carrying `ConfigError`s. serde
+/// stops at the first error, so the offending field is then removed and the value tried
+/// again: one element with an unknown field and a bad size reports both.
 fn section<T: DeserializeOwned>(
-    value: Value,
+    mut value: Value,
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<T> {
-    match serde_path_to_error::deserialize::<_, T>(value) {
-        Ok(parsed) => Some(parsed),
-        Err(err) => {
-            let inner = err.path().to_string();
-            let full = match (path.is_empty(), inner == ".") {
-                (_, true) => path.to_string(),
-                (true, false) => inner,
-                (false, false) if inner.starts_with('[') => format!("{path}{inner}"),
-                (false, false) => format!("{path}.{inner}"),
-            };
-            errors.push(ConfigError {
-                path: full,
-                message: err.into_inner().to_string(),
-            });
-            None
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..MAX_ERRORS_PER_SECTION {
+        let err = match serde_path_to_error::deserialize::<_, T>(&value) {
+            Ok(parsed) => return removed.is_empty().then_some(parsed),
+            Err(err) => err,
+        };
+        let segments: Vec<Segment> = err.path().iter().cloned().collect();
+        let inner = err.path().to_string();
+        let full = join_path(path, &inner);
+        let message = humanize(&err.into_inner().to_string());
+        if let Some(field) = missing_field(&message) {
+            if removed.contains(&join_path(&full, field)) {
+                // A required field this loop removed: already reported.
+                return None;
+            }
         }
+        errors.push(ConfigError {
+            path: full.clone(),
+            message,
+        });
+        if !remove_field(&mut value, &segments) {
+            return None;
+        }
+        removed.push(full);
+    }
+    None
+}
+
+/// Appends a serde path (`.` for the value itself, `[1].x` or `x.y`) to `path`.
+fn join_path(path: &str, inner: &str) -> String {
+    match (path.is_empty(), inner == ".") {
+        (_, true) => path.to_string(),
+        (true, false) => inner.to_string(),
+        (false, false) if inner.starts_with('[') => format!("{path}{inner}"),
+        (false, false) => format!("{path}.{inner}"),
     }
 }
 
-/// The elements of a list that parsed, with the index each had in the file.
+/// The field named in serde's "missing field `name`".
+fn missing_field(message: &str) -> Option<&str> {
+    message
+        .strip_prefix("missing field `")
+        .and_then(|rest| rest.split('`').next())
+}
+
+/// Removes the table key at `segments`; false when the path does not end in one (list
+/// elements stay, so later indexes keep their meaning).
+fn remove_field(value: &mut Value, segments: &[Segment]) -> bool {
+    let Some((Segment::Map { key }, parents)) = segments.split_last() else {
+        return false;
+    };
+    let mut node = value;
+    for segment in parents {
+        let next = match (segment, node) {
+            (Segment::Seq { index }, Value::Array(items)) => items.get_mut(*index),
+            (Segment::Map { key }, Value::Object(map)) => map.get_mut(key),
+            _ => None,
+        };
+        match next {
+            Some(next) => node = next,
+            None => return false,
+        }
+    }
+    match node {
+        Value::Object(map) => map.remove(key).is_some(),
+        _ => false,
+    }
+}
+
+/// serde names Rust types ("expected usize", "expected struct ListenerLimits"); say what
+/// an operator writes instead.
+fn humanize(message: &str) -> String {
+    const TYPES: &[(&str, &str)] = &[
+        ("usize", "a non-negative integer"),
+        ("u64", "a non-negative integer"),
+        ("u32", "an integer between 0 and 4294967295"),
+        ("u16", "an integer between 0 and 65535"),
+        ("u8", "an integer between 0 and 255"),
+        ("i64", "an integer"),
+        ("i32", "an integer between -2147483648 and 2147483647"),
+        ("f64", "a number"),
+        ("a sequence", "a list"),
+        ("a map", "a table"),
+    ];
+    let message = message
+        .replace("invalid type: map", "invalid type: table")
+        .replace("invalid type: sequence", "invalid type: list");
+    if let Some(start) = message.rfind("expected struct ") {
+        return format!("{}expected a table", &message[..start]);
+    }
+    for (rust, human) in TYPES {
+        if let Some(head) = message.strip_suffix(&format!("expected {rust}")) {
+            return format!("{head}expected {human}");
+        }
+    }
+    message
+}
+
+/// The elements of a list that parsed, with the index each had in the file. Elements that
+/// did not parse are noted in `unparsed` under `path`.
 fn list<T: DeserializeOwned>(
     value: Value,
     path: &str,
     errors: &mut Vec<ConfigError>,
+    unparsed: &mut Vec<(String, Option<String>)>,
 ) -> (Vec<T>, Vec<usize>) {
     match value {
         Value::Array(items) => items
             .into_iter()
             .enumerate()
             .filter_map(|(index, item)| {
-                section(item, &format!("{path}[{index}]"), errors).map(|parsed| (parsed, index))
+                let name = item.get("name").and_then(Value::as_str).map(str::to_string);
+                let parsed = section(item, &format!("{path}[{index}]"), errors);
+                if parsed.is_none() {
+                    unparsed.push((path.to_string(), name));
+                }
+                parsed.map(|parsed| (parsed, index))
             })
             .unzip(),
         other => {
@@ -229,6 +400,7 @@ fn list<T: DeserializeOwned>(
                 path: path.to_string(),
                 message: format!("expected a list, found {}", kind_of(&other)),
             });
+            unparsed.push((path.to_string(), None));
             (Vec::new(), Vec::new())
         }
     }
@@ -251,6 +423,19 @@ pub(super) struct FileIndexes {
     pub listeners: Vec<usize>,
     pub pools: Vec<usize>,
     pub routes: Vec<usize>,
+    /// `(section, name)` of each list element that failed to parse (or the whole section,
+    /// when it was not a list), so later checks do not add a second, misleading error.
+    pub unparsed: Vec<(String, Option<String>)>,
+}
+
+impl FileIndexes {
+    /// The names (where they had one) of the elements of `section` that failed to parse.
+    pub fn unparsed_in<'a>(&'a self, section: &'a str) -> impl Iterator<Item = Option<&'a str>> {
+        self.unparsed
+            .iter()
+            .filter(move |(listed, _)| listed == section)
+            .map(|(_, name)| name.as_deref())
+    }
 }
 
 fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, FileIndexes) {
@@ -275,9 +460,16 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             "access_log" => config.access_log = section(value, &key, errors).unwrap_or_default(),
             "http" => config.http = section(value, &key, errors).unwrap_or_default(),
             "demo" => config.demo = section(value, &key, errors).unwrap_or_default(),
-            "listeners" => (config.listeners, indexes.listeners) = list(value, &key, errors),
-            "pools" => (config.pools, indexes.pools) = list(value, &key, errors),
-            "routes" => (config.routes, indexes.routes) = list(value, &key, errors),
+            "listeners" => {
+                (config.listeners, indexes.listeners) =
+                    list(value, &key, errors, &mut indexes.unparsed)
+            }
+            "pools" => {
+                (config.pools, indexes.pools) = list(value, &key, errors, &mut indexes.unparsed)
+            }
+            "routes" => {
+                (config.routes, indexes.routes) = list(value, &key, errors, &mut indexes.unparsed)
+            }
             _ => errors.push(ConfigError {
                 path: key.clone(),
                 message: "unknown field; expected one of workers, drain_timeout, log, access_log, http, demo, listeners, pools, routes".into(),

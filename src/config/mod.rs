@@ -250,7 +250,10 @@ pub enum BalancerKind {
 
 /// An endpoint: `"host:port"`, or a table with a weight.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected an endpoint: \"host:port\" or a table with `address` and `weight`"
+)]
 pub enum EndpointConfig {
     Address(String),
     Weighted {
@@ -402,7 +405,8 @@ pub struct RegexRewriteConfig {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteTimeouts {
-    /// From sending the request to receiving the response header block.
+    /// Longest wait for the response header block, counted from the request body's last
+    /// progress: a slow upload is never cut off by it, only an upstream that goes silent.
     pub response_header: Dur,
     /// Longest silence between two body chunks in either direction.
     pub idle: Dur,

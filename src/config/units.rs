@@ -98,7 +98,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "expected a size such as \"10MiB\" or a whole number of bytes"
+        )]
         enum Raw {
             Bytes(u64),
             Text(String),

@@ -52,8 +52,8 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
     if let Some(demo) = &config.demo {
         check_socket_addr(&demo.bind, "demo.bind", &mut errors);
     }
-    validate_listeners(config, &indexes.listeners, &mut errors);
-    let pool_names = validate_pools(config, &indexes.pools, &mut errors);
+    validate_listeners(config, indexes, &mut errors);
+    let pool_names = validate_pools(config, indexes, &mut errors);
     let mut route_names = HashSet::new();
     for (route, &index) in config.routes.iter().zip(&indexes.routes) {
         let path = format!("routes[{index}]");
@@ -71,8 +71,10 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
     }
 }
 
-fn validate_listeners(config: &Config, indexes: &[usize], errors: &mut Errors) {
-    if config.listeners.is_empty() && indexes.is_empty() {
+fn validate_listeners(config: &Config, file: &FileIndexes, errors: &mut Errors) {
+    let indexes = &file.listeners;
+    // A listener that failed to parse has been reported already.
+    if config.listeners.is_empty() && file.unparsed_in("listeners").next().is_none() {
         errors.push("listeners", "at least one listener is required");
     }
     let mut names = HashSet::new();
@@ -146,11 +148,11 @@ fn validate_limits(limits: &ListenerLimits, path: &str, errors: &mut Errors) {
 
 fn validate_pools<'a>(
     config: &'a Config,
-    indexes: &[usize],
+    file: &'a FileIndexes,
     errors: &mut Errors,
 ) -> HashSet<&'a str> {
     let mut names = HashSet::new();
-    for (pool, &index) in config.pools.iter().zip(indexes) {
+    for (pool, &index) in config.pools.iter().zip(&file.pools) {
         let path = format!("pools[{index}]");
         check_name(&pool.name, &format!("{path}.name"), errors);
         if !names.insert(pool.name.as_str()) {
@@ -186,6 +188,7 @@ fn validate_pools<'a>(
     }
     // A pool that failed to parse still counts as declared, so routes naming it do not
     // add a second, misleading error.
+    names.extend(file.unparsed_in("pools").flatten());
     names
 }
 
@@ -367,8 +370,10 @@ fn check_name(name: &str, path: &str, errors: &mut Errors) {
 
 fn check_regex(pattern: &str, path: &str, errors: &mut Errors) {
     if let Err(err) = regex::Regex::new(pattern) {
-        let first_line = err.to_string();
-        let reason = first_line.lines().last().unwrap_or("invalid").trim();
+        // The last line of regex's multi-line report: "error: unclosed group".
+        let report = err.to_string();
+        let last_line = report.lines().last().unwrap_or("invalid").trim();
+        let reason = last_line.strip_prefix("error: ").unwrap_or(last_line);
         errors.push(path, format!("invalid regex {pattern:?}: {reason}"));
     }
 }

@@ -5,6 +5,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -65,6 +67,41 @@ impl Timers {
             sleep.as_mut().reset(Instant::now() + *period);
         }
     }
+
+    /// Whether the fixed deadline has passed, polled or not.
+    fn deadline_passed(&self) -> bool {
+        self.deadline
+            .as_ref()
+            .is_some_and(|deadline| deadline.deadline() <= Instant::now())
+    }
+}
+
+/// When a request body last moved a frame upstream (or ended), shared with the code that
+/// waits for the response head: while a client is still uploading, the upstream cannot be
+/// expected to have answered yet.
+#[derive(Clone)]
+pub struct BodyProgress {
+    origin: Instant,
+    /// Nanoseconds after `origin`; an atomic so the per-frame update costs no lock.
+    last: Arc<AtomicU64>,
+}
+
+impl BodyProgress {
+    fn new() -> BodyProgress {
+        BodyProgress {
+            origin: Instant::now(),
+            last: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last.store(nanos, Ordering::Relaxed);
+    }
+
+    pub fn last(&self) -> Instant {
+        self.origin + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+    }
 }
 
 /// The request body sent upstream: the client's body with the limit and timeouts applied.
@@ -75,6 +112,7 @@ pub struct RequestBody {
     limit: Option<u64>,
     seen: u64,
     timers: Timers,
+    progress: Option<BodyProgress>,
 }
 
 impl RequestBody {
@@ -85,6 +123,7 @@ impl RequestBody {
             limit,
             seen: 0,
             timers,
+            progress: None,
         }
     }
 
@@ -95,6 +134,20 @@ impl RequestBody {
             limit: None,
             seen: 0,
             timers: Timers::new(None, None),
+            progress: None,
+        }
+    }
+
+    /// Starts tracking when this body last moved a frame or ended, from now on.
+    pub fn track_progress(&mut self) -> BodyProgress {
+        let progress = BodyProgress::new();
+        self.progress = Some(progress.clone());
+        progress
+    }
+
+    fn mark_progress(&self) {
+        if let Some(progress) = &self.progress {
+            progress.touch();
         }
     }
 
@@ -146,6 +199,7 @@ impl Body for RequestBody {
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timers.touch();
+                this.mark_progress();
                 if let Err(err) = this.count(&frame) {
                     this.inner = None;
                     return Poll::Ready(Some(Err(err)));
@@ -158,6 +212,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(None) => {
                 this.inner = None;
+                this.mark_progress();
                 Poll::Ready(None)
             }
             Poll::Pending => match this.timers.poll_expired(cx) {
@@ -198,6 +253,8 @@ pub struct ResponseBody {
     source: Source,
     timers: Timers,
     log: Option<LogGuard>,
+    /// End a failed stream with gRPC status trailers instead of an error (a reset).
+    grpc: bool,
 }
 
 impl ResponseBody {
@@ -206,6 +263,7 @@ impl ResponseBody {
             source: Source::Empty,
             timers: Timers::new(None, None),
             log: None,
+            grpc: false,
         }
     }
 
@@ -214,6 +272,7 @@ impl ResponseBody {
             source: Source::Full(Some(bytes.into())),
             timers: Timers::new(None, None),
             log: None,
+            grpc: false,
         }
     }
 
@@ -222,7 +281,16 @@ impl ResponseBody {
             source: Source::Upstream(body),
             timers,
             log: None,
+            grpc: false,
         }
+    }
+
+    /// For a gRPC response: once its headers are out, the only way left to tell the client
+    /// why the stream failed (deadline, upstream reset) is a gRPC status in the trailers. A
+    /// bare HTTP/2 reset reaches a gRPC client as INTERNAL, whatever the cause.
+    pub fn with_grpc_status_on_error(mut self) -> ResponseBody {
+        self.grpc = true;
+        self
     }
 
     /// Attaches the access-log record; it is written when this body ends or is dropped.
@@ -275,6 +343,17 @@ impl Body for ResponseBody {
                     this.finish(None);
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(err))) if this.grpc => {
+                // With a request body still streaming, the same deadline may have fired on
+                // the request side first and reset the upstream stream: report the cause.
+                let err = if this.timers.deadline_passed() {
+                    BodyError::Deadline
+                } else {
+                    err
+                };
+                this.finish(Some(&err));
+                Poll::Ready(Some(Ok(Frame::trailers(super::error::grpc_trailers(err)))))
             }
             Poll::Ready(Some(Err(err))) => {
                 this.finish(Some(&err));

@@ -2,7 +2,7 @@
 //! them: a short JSON body with the request id, or a gRPC status for gRPC requests.
 
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::{BodyError, ResponseBody};
 use crate::upstream::UpstreamError;
@@ -114,14 +114,7 @@ pub fn error_response(
         let mut response = Response::new(ResponseBody::empty());
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        headers.insert(
-            "grpc-status",
-            HeaderValue::from(u16::from(grpc_code(status))),
-        );
-        let encoded: String = percent_encode_grpc(&message);
-        if let Ok(value) = HeaderValue::from_str(&encoded) {
-            headers.insert("grpc-message", value);
-        }
+        insert_grpc_status(headers, status, &message);
         response
     } else {
         let body = serde_json::json!({
@@ -143,6 +136,25 @@ pub fn error_response(
         response
     };
     response
+}
+
+/// The trailers that end a gRPC response whose body failed after the headers were sent.
+pub fn grpc_trailers(error: BodyError) -> HeaderMap {
+    // The body error's own text: `ProxyError::Body` would call it a request body.
+    let message = error.to_string();
+    let mut trailers = HeaderMap::new();
+    insert_grpc_status(&mut trailers, ProxyError::Body(error).status(), &message);
+    trailers
+}
+
+fn insert_grpc_status(headers: &mut HeaderMap, status: StatusCode, message: &str) {
+    headers.insert(
+        "grpc-status",
+        HeaderValue::from(u16::from(grpc_code(status))),
+    );
+    if let Ok(value) = HeaderValue::from_str(&percent_encode_grpc(message)) {
+        headers.insert("grpc-message", value);
+    }
 }
 
 /// grpc-message is percent-encoded (gRPC over HTTP/2 spec).

@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod error;
+pub mod framing;
 pub mod headers;
 pub mod proxy;
 
@@ -48,8 +49,16 @@ pub async fn serve_connection(
         .max_header_list_size(limits.max_request_header_bytes.0.min(u64::from(u32::MAX)) as u32)
         .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
         .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
+    // hyper hides a request's Content-Length + Transfer-Encoding ambiguity; the scanner
+    // sees the raw head so the proxy can reject it (see `framing`).
+    let (stream, framing) = framing::inspect(
+        stream,
+        limits.max_request_header_bytes.0.max(8192) as usize,
+        limits.max_request_headers,
+    );
     let conn = Arc::new(Connection {
         peer,
+        framing,
         listener_name: listener.name.as_str().into(),
         listener: listener.clone(),
         scheme: "http",

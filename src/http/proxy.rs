@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::body::{RequestBody, ResponseBody, Timers};
+use super::body::{BodyProgress, RequestBody, ResponseBody, Timers};
 use super::error::{error_response, is_grpc, ProxyError};
 use super::headers::{self, ForwardInfo};
 use crate::config::{ListenerConfig, UpstreamProtocol};
@@ -45,6 +45,8 @@ pub struct Connection {
     pub listener_name: Arc<str>,
     pub scheme: &'static str,
     pub requests: AtomicU64,
+    /// Framing facts hyper does not expose, by request position (HTTP/1 only).
+    pub framing: Arc<super::framing::FramingReport>,
 }
 
 /// What the pipeline learned before forwarding, shared by the log and error paths.
@@ -81,9 +83,18 @@ impl Proxy {
             log,
         };
         let started = Instant::now();
-        let outcome = self
-            .route_and_forward(&conn, request, client_ip, &mut exchange, started)
-            .await;
+        // hyper dropped Content-Length from this request and kept Transfer-Encoding, so
+        // only the raw-head scanner knows it had both (RFC 9112 §6.1: a smuggling attempt
+        // until proven otherwise).
+        let ambiguous = conn.framing.is_ambiguous(served);
+        let outcome = if ambiguous {
+            Err(ProxyError::BadRequest(
+                "both Content-Length and Transfer-Encoding",
+            ))
+        } else {
+            self.route_and_forward(&conn, request, client_ip, &mut exchange, started)
+                .await
+        };
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
@@ -102,7 +113,10 @@ impl Proxy {
             exchange.request_id.clone(),
         );
         let limit = conn.listener.limits.max_requests_per_connection;
-        if limit > 0 && served >= limit && response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let limit_reached =
+            limit > 0 && served >= limit && response.status() != StatusCode::SWITCHING_PROTOCOLS;
+        // The rest of an ambiguous request's bytes cannot be trusted as a next request.
+        if ambiguous || limit_reached {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
@@ -130,14 +144,6 @@ impl Proxy {
             .map_or(0, |pq| pq.as_str().len()) as u64;
         if uri_len > limits.max_uri_bytes.0 {
             return Err(ProxyError::UriTooLong(limits.max_uri_bytes.0));
-        }
-        if request.headers().contains_key(TRANSFER_ENCODING)
-            && request.headers().contains_key(CONTENT_LENGTH)
-        {
-            // RFC 9112 §6.1: a request with both is a smuggling attempt until proven otherwise.
-            return Err(ProxyError::BadRequest(
-                "both Content-Length and Transfer-Encoding",
-            ));
         }
         let snapshot = exchange.snapshot.clone();
         let host_raw = request_host(&request).map(str::to_owned);
@@ -311,19 +317,16 @@ impl Proxy {
             }
         };
 
+        let progress = body.track_progress();
         let upstream_request = Request::from_parts(parts, body);
-        let mut header_wait = route.timeouts.response_header;
-        if let Some(deadline) = deadline {
-            header_wait = header_wait.min(deadline.saturating_duration_since(Instant::now()));
-        }
         let sent_at = Instant::now();
-        let response = tokio::time::timeout(
-            header_wait,
+        let response = response_head(
             endpoint.connections.send(upstream_request, &pool.settings),
+            &progress,
+            route.timeouts.response_header,
+            deadline,
         )
-        .await
-        .map_err(|_| ProxyError::Upstream(UpstreamError::ResponseTimeout(header_wait)))?
-        .map_err(ProxyError::from_upstream)?;
+        .await?;
         if let Some(log) = exchange.log.as_mut() {
             log.record().upstream_ms = Some(sent_at.elapsed().as_secs_f64() * 1000.0);
         }
@@ -351,10 +354,47 @@ impl Proxy {
             headers::append_via(&mut parts.headers, parts.version);
         }
         let timers = Timers::new(route.timeouts.idle, deadline);
-        Ok(Response::from_parts(
-            parts,
-            ResponseBody::upstream(body, timers),
-        ))
+        let mut body = ResponseBody::upstream(body, timers);
+        if exchange.grpc && is_grpc(&parts.headers) {
+            body = body.with_grpc_status_on_error();
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Waits for the upstream's response head. `timeouts.response_header` runs from the request
+/// body's last progress rather than from the start: a slow client's big upload is not cut
+/// off while it still moves (nginx and Envoy likewise start that clock once the request is
+/// sent), yet a body the upstream stopped reading still times out. The deadline is absolute.
+async fn response_head(
+    send: impl std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    progress: &BodyProgress,
+    wait: Duration,
+    deadline: Option<Instant>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let started = Instant::now();
+    let expiry = |last: Instant| {
+        let at = last.max(started) + wait;
+        deadline.map_or(at, |deadline| at.min(deadline))
+    };
+    let mut send = std::pin::pin!(send);
+    let mut at = expiry(progress.last());
+    loop {
+        tokio::select! {
+            response = send.as_mut() => return response.map_err(ProxyError::from_upstream),
+            () = tokio::time::sleep_until(at) => {
+                let next = expiry(progress.last());
+                if next > at {
+                    at = next;
+                    continue;
+                }
+                let waited = match deadline {
+                    Some(deadline) if deadline <= at => at.saturating_duration_since(started),
+                    _ => wait,
+                };
+                return Err(ProxyError::Upstream(UpstreamError::ResponseTimeout(waited)));
+            }
+        }
     }
 }
 

@@ -58,9 +58,22 @@ pub struct Listeners {
     proxy: Arc<Proxy>,
     /// Fired once at shutdown: every connection finishes in-flight work and closes.
     drain: CancellationToken,
+    /// The accept loops; each owns its listening socket and closes it when it exits.
+    accepting: TaskTracker,
     connections: TaskTracker,
     running: HashMap<String, Running>,
     stats: HashMap<String, Arc<ListenerStats>>,
+}
+
+/// What `Listeners::stop_all` started, to wait for.
+pub struct Stopping {
+    /// Completes once every accept loop has exited and closed its socket. Cancelling an
+    /// accept loop only asks it to stop; until it has, a connection may still be accepted
+    /// (and must be tracked below) or sit in the kernel's backlog.
+    pub sockets_closed: TaskTracker,
+    /// Completes when the last connection has ended. Wait for `sockets_closed` first: an
+    /// accept loop that is still running can add a connection to it.
+    pub connections: TaskTracker,
 }
 
 /// Sockets bound for a new config but not yet accepting; dropping it releases them.
@@ -73,6 +86,7 @@ impl Listeners {
         Listeners {
             proxy,
             drain: CancellationToken::new(),
+            accepting: TaskTracker::new(),
             connections: TaskTracker::new(),
             running: HashMap::new(),
             stats: HashMap::new(),
@@ -133,7 +147,7 @@ impl Listeners {
                 drain: self.drain.clone(),
                 tracker: self.connections.clone(),
             };
-            tokio::spawn(accept_loop(
+            self.accepting.spawn(accept_loop(
                 self.proxy.clone(),
                 config.name.clone(),
                 listener,
@@ -154,15 +168,18 @@ impl Listeners {
     }
 
     /// Stops accepting everywhere (the sockets close, so new connections are refused) and
-    /// asks every open connection to finish its in-flight work and close. The returned
-    /// tracker completes when the last connection has ended.
-    pub fn stop_all(&mut self) -> TaskTracker {
+    /// asks every open connection to finish its in-flight work and close.
+    pub fn stop_all(&mut self) -> Stopping {
         for (_, running) in self.running.drain() {
             running.stop.cancel();
         }
         self.drain.cancel();
+        self.accepting.close();
         self.connections.close();
-        self.connections.clone()
+        Stopping {
+            sockets_closed: self.accepting.clone(),
+            connections: self.connections.clone(),
+        }
     }
 
     pub fn local_addrs(&self) -> HashMap<String, SocketAddr> {

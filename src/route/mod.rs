@@ -9,7 +9,7 @@
 //!
 //! Rank order (documented in docs/CONFIG.md): higher `priority` first; then host
 //! specificity (exact, longer wildcard, shorter wildcard, any host); then path specificity
-//! (exact, longer prefix, shorter prefix, regex, none); then more conditions first; then
+//! (exact, regex, longer prefix, shorter prefix, none); then more conditions first; then
 //! config order.
 
 use std::borrow::Cow;
@@ -164,8 +164,9 @@ enum HostClass {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum PathClass {
     Exact,
-    Prefix(Reverse<usize>),
+    /// Regexes beat prefixes, as nginx's regex locations beat plain prefix locations.
     Regex,
+    Prefix(Reverse<usize>),
     Any,
 }
 

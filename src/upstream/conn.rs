@@ -8,6 +8,7 @@
 //! protocol and per-endpoint connection limits.
 
 use std::net::SocketAddr;
+use std::task::Poll;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -16,6 +17,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::UpstreamError;
@@ -35,8 +37,27 @@ struct IdleConn {
     idle_since: Instant,
 }
 
+/// A connection whose exchange is finishing, with the task that moves it to the idle list
+/// once hyper reports it ready for another request.
+struct Returning {
+    id: u64,
+    sender: http1::SendRequest<RequestBody>,
+    waiter: AbortHandle,
+}
+
+/// The HTTP/1.1 connections of one endpoint that are not carrying a request.
+#[derive(Default)]
+struct Http1Pool {
+    idle: Vec<IdleConn>,
+    /// A client can read the end of a response and send its next request before the
+    /// returning connection's task has been scheduled; a checkout looks here too, so that
+    /// request reuses the connection instead of opening another one.
+    returning: Vec<Returning>,
+    next_id: u64,
+}
+
 enum Conns {
-    Http1(Mutex<Vec<IdleConn>>),
+    Http1(Mutex<Http1Pool>),
     H2c {
         shared: Mutex<Option<http2::SendRequest<RequestBody>>>,
         /// Serializes dialing so a burst of requests opens one connection, not many.
@@ -56,7 +77,7 @@ impl Connections {
     pub fn new(address: std::sync::Arc<str>, protocol: UpstreamProtocol) -> Connections {
         let literal = address.parse().ok();
         let conns = match protocol {
-            UpstreamProtocol::Http1 => Conns::Http1(Mutex::new(Vec::new())),
+            UpstreamProtocol::Http1 => Conns::Http1(Mutex::new(Http1Pool::default())),
             UpstreamProtocol::H2c => Conns::H2c {
                 shared: Mutex::new(None),
                 dialing: tokio::sync::Mutex::new(()),
@@ -76,7 +97,7 @@ impl Connections {
         settings: &ConnSettings,
     ) -> Result<Response<Incoming>, UpstreamError> {
         match &self.conns {
-            Conns::Http1(idle) => self.send_http1(idle, request, settings).await,
+            Conns::Http1(pool) => self.send_http1(pool, request, settings).await,
             Conns::H2c { shared, dialing } => {
                 self.send_h2c(shared, dialing, request, settings).await
             }
@@ -85,13 +106,13 @@ impl Connections {
 
     async fn send_http1(
         self: &std::sync::Arc<Self>,
-        idle: &Mutex<Vec<IdleConn>>,
+        pool: &Mutex<Http1Pool>,
         mut request: Request<RequestBody>,
         settings: &ConnSettings,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // A pooled connection may have been closed by the backend a moment ago; hyper hands
         // the request back when it was not written, and it goes out on a fresh connection.
-        while let Some(mut sender) = self.checkout_idle(idle, settings) {
+        while let Some(mut sender) = self.checkout_idle(pool, settings) {
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     self.recycle(sender, settings);
@@ -127,16 +148,22 @@ impl Connections {
 
     fn checkout_idle(
         &self,
-        idle: &Mutex<Vec<IdleConn>>,
+        pool: &Mutex<Http1Pool>,
         settings: &ConnSettings,
     ) -> Option<http1::SendRequest<RequestBody>> {
-        let mut idle = idle.lock();
-        while let Some(conn) = idle.pop() {
+        let mut pool = pool.lock();
+        while let Some(conn) = pool.idle.pop() {
             if conn.idle_since.elapsed() < settings.idle_timeout && conn.sender.is_ready() {
                 return Some(conn.sender);
             }
         }
-        None
+        let index = pool
+            .returning
+            .iter()
+            .position(|conn| conn.sender.is_ready())?;
+        let conn = pool.returning.swap_remove(index);
+        conn.waiter.abort();
+        Some(conn.sender)
     }
 
     /// Returns the connection to the idle list once its current exchange has completed in
@@ -144,26 +171,39 @@ impl Connections {
     /// dropped early never becomes ready again, so it is never reused.
     fn recycle(
         self: &std::sync::Arc<Self>,
-        mut sender: http1::SendRequest<RequestBody>,
+        sender: http1::SendRequest<RequestBody>,
         settings: &ConnSettings,
     ) {
+        let Conns::Http1(pool) = &self.conns else {
+            return;
+        };
         let this = self.clone();
         let max_idle = settings.max_idle;
-        tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let Conns::Http1(idle) = &this.conns else {
-                return;
+        // Spawned under the lock, so no checkout can take the entry before it has its
+        // waiter to abort; the task itself waits for the lock before looking at it.
+        let mut guard = pool.lock();
+        let id = guard.next_id;
+        guard.next_id += 1;
+        let waiter = tokio::spawn(std::future::poll_fn(move |cx| {
+            let Conns::Http1(pool) = &this.conns else {
+                return Poll::Ready(());
             };
-            let mut idle = idle.lock();
-            if idle.len() < max_idle {
-                idle.push(IdleConn {
-                    sender,
+            let mut pool = pool.lock();
+            let Some(index) = pool.returning.iter().position(|conn| conn.id == id) else {
+                return Poll::Ready(());
+            };
+            let ready = std::task::ready!(pool.returning[index].sender.poll_ready(cx));
+            let conn = pool.returning.swap_remove(index);
+            if ready.is_ok() && pool.idle.len() < max_idle {
+                pool.idle.push(IdleConn {
+                    sender: conn.sender,
                     idle_since: Instant::now(),
                 });
             }
-        });
+            Poll::Ready(())
+        }))
+        .abort_handle();
+        guard.returning.push(Returning { id, sender, waiter });
     }
 
     async fn send_h2c(
@@ -257,7 +297,7 @@ impl Connections {
     /// Idle HTTP/1 connections currently pooled (for tests and status).
     pub fn idle_count(&self) -> usize {
         match &self.conns {
-            Conns::Http1(idle) => idle.lock().len(),
+            Conns::Http1(pool) => pool.lock().idle.len(),
             Conns::H2c { shared, .. } => usize::from(shared.lock().is_some()),
         }
     }

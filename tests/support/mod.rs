@@ -105,11 +105,28 @@ impl Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("gatehouse.toml");
         std::fs::write(&config_path, config).expect("write config");
+        let args = ["run".as_ref(), "--config".as_ref(), config_path.as_os_str()];
+        Gateway::spawn(dir, config_path.clone(), &args, env)
+    }
+
+    /// Runs the binary with arbitrary arguments (e.g. `proxy --listen 127.0.0.1:0 --to …`)
+    /// and waits until it reports ready. `config_path` then names a file that does not exist.
+    pub fn start_args(args: &[&str], env: &[(&str, &str)]) -> Gateway {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config_path = dir.path().join("gatehouse.toml");
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|arg| arg.as_ref()).collect();
+        Gateway::spawn(dir, config_path, &args, env)
+    }
+
+    fn spawn(
+        dir: tempfile::TempDir,
+        config_path: PathBuf,
+        args: &[&std::ffi::OsStr],
+        env: &[(&str, &str)],
+    ) -> Gateway {
         let mut command = Command::new(env!("CARGO_BIN_EXE_gatehouse"));
         command
-            .arg("run")
-            .arg("--config")
-            .arg(&config_path)
+            .args(args)
             .env("GATEHOUSE_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -256,6 +273,25 @@ impl Gateway {
     }
 }
 
+/// Runs the binary with `args` to completion (for commands that exit: `validate`, or `run`
+/// on a bad config) and returns its output; fails the test if it has not exited within
+/// `PATIENCE`, killing it.
+pub async fn run_to_exit(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_gatehouse"));
+    command
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = command.spawn().expect("spawn gatehouse");
+    tokio::time::timeout(PATIENCE, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("gatehouse {args:?} did not exit within {PATIENCE:?}"))
+        .expect("wait for gatehouse")
+}
+
 impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -300,6 +336,10 @@ impl Backend {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                // As production HTTP/2 servers do: with Nagle on, a small WINDOW_UPDATE waits
+                // for the ACK of the previous one, which the peer delays ~40 ms when it has no
+                // data to piggyback it on, and h2c uploads crawl at tens of MiB/s.
+                let _ = stream.set_nodelay(true);
                 let handler = handler.clone();
                 let counter = counter.clone();
                 tokio::spawn(async move {
@@ -409,4 +449,49 @@ pub fn h2c_client() -> reqwest::Client {
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .expect("client")
+}
+
+/// Samples a process's resident memory from a background task until stopped, so a test can
+/// bound the peak while a long transfer runs (a single reading at the end would miss it).
+pub struct RssSampler {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<u64>,
+}
+
+impl RssSampler {
+    /// Stops sampling and returns the highest VmRSS seen, in KiB, including a last reading.
+    pub async fn stop(self) -> u64 {
+        let _ = self.stop.send(());
+        self.task.await.expect("rss sampler task")
+    }
+}
+
+impl Gateway {
+    /// Starts reading this gateway's VmRSS every `every` on a separate Tokio task.
+    pub fn sample_rss(&self, every: Duration) -> RssSampler {
+        let path = format!("/proc/{}/status", self.pid());
+        let read = move || {
+            std::fs::read_to_string(&path).ok().and_then(|status| {
+                status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("VmRSS:"))
+                    .and_then(|rest| rest.split_whitespace().next())
+                    .and_then(|kib| kib.parse::<u64>().ok())
+            })
+        };
+        let (stop, mut stopped) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(every);
+            ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut peak = 0;
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = ticks.tick() => peak = read().map_or(peak, |kib: u64| kib.max(peak)),
+                }
+            }
+            read().map_or(peak, |kib| kib.max(peak))
+        });
+        RssSampler { stop, task }
+    }
 }
