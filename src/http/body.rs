@@ -34,37 +34,65 @@ pub enum BodyError {
     Upstream(hyper::Error),
 }
 
-/// An idle timer that resets on each frame and a fixed deadline, both optional.
+/// An idle timeout that restarts with each frame and a fixed deadline, both optional.
+///
+/// The timer futures are created only when a body first has to wait, and the idle timer is
+/// re-armed lazily from the last activity instead of being reset on every frame: most
+/// bodies finish without ever waiting, and a timer-wheel update per frame would cost more
+/// than the frame itself.
 pub struct Timers {
-    idle: Option<(Duration, Pin<Box<Sleep>>)>,
-    deadline: Option<Pin<Box<Sleep>>>,
+    idle: Option<IdleTimer>,
+    deadline: Option<(Instant, Option<Pin<Box<Sleep>>>)>,
+}
+
+struct IdleTimer {
+    period: Duration,
+    last_activity: Instant,
+    sleep: Option<Pin<Box<Sleep>>>,
 }
 
 impl Timers {
     pub fn new(idle: Option<Duration>, deadline: Option<Instant>) -> Timers {
         Timers {
-            idle: idle.map(|period| (period, Box::pin(tokio::time::sleep(period)))),
-            deadline: deadline.map(|at| Box::pin(tokio::time::sleep_until(at))),
+            idle: idle.map(|period| IdleTimer {
+                period,
+                last_activity: Instant::now(),
+                sleep: None,
+            }),
+            deadline: deadline.map(|at| (at, None)),
         }
     }
 
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BodyError> {
-        if let Some(deadline) = &mut self.deadline {
-            if deadline.as_mut().poll(cx).is_ready() {
+        if let Some((at, sleep)) = &mut self.deadline {
+            let sleep = sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(*at)));
+            if sleep.as_mut().poll(cx).is_ready() {
                 return Some(BodyError::Deadline);
             }
         }
-        if let Some((period, sleep)) = &mut self.idle {
-            if sleep.as_mut().poll(cx).is_ready() {
-                return Some(BodyError::IdleTimeout(*period));
+        if let Some(idle) = &mut self.idle {
+            loop {
+                let due = idle.last_activity + idle.period;
+                let sleep = idle
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if sleep.deadline() != due {
+                    sleep.as_mut().reset(due);
+                }
+                if sleep.as_mut().poll(cx).is_pending() {
+                    break;
+                }
+                if Instant::now() >= idle.last_activity + idle.period {
+                    return Some(BodyError::IdleTimeout(idle.period));
+                }
             }
         }
         None
     }
 
     fn touch(&mut self) {
-        if let Some((period, sleep)) = &mut self.idle {
-            sleep.as_mut().reset(Instant::now() + *period);
+        if let Some(idle) = &mut self.idle {
+            idle.last_activity = Instant::now();
         }
     }
 
@@ -72,7 +100,7 @@ impl Timers {
     fn deadline_passed(&self) -> bool {
         self.deadline
             .as_ref()
-            .is_some_and(|deadline| deadline.deadline() <= Instant::now())
+            .is_some_and(|(at, _)| *at <= Instant::now())
     }
 }
 
@@ -383,5 +411,44 @@ impl Body for ResponseBody {
             }
             Source::Upstream(body) => body.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Resolves when the timers report expiry.
+    async fn expiry(timers: &mut Timers) -> BodyError {
+        std::future::poll_fn(|cx| match timers.poll_expired(cx) {
+            Some(err) => Poll::Ready(err),
+            None => Poll::Pending,
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn idle_timer_counts_from_the_last_activity() {
+        let period = Duration::from_millis(60);
+        let mut timers = Timers::new(Some(period), None);
+        let started = Instant::now();
+        // Activity half-way through the first period pushes expiry out.
+        let waited = tokio::time::timeout(Duration::from_millis(30), expiry(&mut timers)).await;
+        assert!(waited.is_err(), "expired before the idle period");
+        timers.touch();
+        let touched = Instant::now();
+        assert!(matches!(expiry(&mut timers).await, BodyError::IdleTimeout(p) if p == period));
+        assert!(touched.elapsed() >= period);
+        assert!(started.elapsed() >= period + Duration::from_millis(30));
+    }
+
+    #[tokio::test]
+    async fn deadline_fires_regardless_of_activity() {
+        let at = Instant::now() + Duration::from_millis(40);
+        let mut timers = Timers::new(Some(Duration::from_secs(60)), Some(at));
+        timers.touch();
+        assert!(matches!(expiry(&mut timers).await, BodyError::Deadline));
+        assert!(Instant::now() >= at);
+        assert!(timers.deadline_passed());
     }
 }
