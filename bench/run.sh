@@ -32,7 +32,8 @@
 #   BENCH_WRK_THREADS=1       wrk threads
 #   BENCH_H2_CONNECTIONS=10   h2load connections (each with 100 streams: -m 100)
 #   BENCH_H2_STREAMS=100      h2load -m
-#   BENCH_IDLE_CONNECTIONS=10000
+#   BENCH_IDLE_CONNECTIONS=9500    (not 10,000: the hard open-files limit here is 20000
+#                             and HAProxy needs two descriptors per connection)
 #   BENCH_BACKEND_WORKERS=1   nginx workers of the fixed backend
 #   BENCH_PORT_BASE=18100     ports BASE..BASE+9 are used
 #   BENCH_MAX_LOAD=           if set (e.g. 0.7), wait until the 1-minute load average is
@@ -63,7 +64,7 @@ else
   WARMUP=${BENCH_WARMUP:-3s}
   ROUNDS=${BENCH_ROUNDS:-3}
   WORKERS_LIST=${BENCH_WORKERS:-1 2}
-  IDLE_CONNECTIONS=${BENCH_IDLE_CONNECTIONS:-10000}
+  IDLE_CONNECTIONS=${BENCH_IDLE_CONNECTIONS:-9500}
 fi
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 WRK_THREADS=${BENCH_WRK_THREADS:-1}
