@@ -75,7 +75,7 @@ impl Proxy {
         let client_ip = headers::client_ip(conn.peer.ip(), request.headers(), &snapshot.http);
         let log = self
             .access_log
-            .begin(begin_record(&conn, &request, &request_id, client_ip));
+            .begin(|| begin_record(&conn, &request, &request_id, client_ip));
         let mut exchange = Exchange {
             grpc: is_grpc(request.headers()),
             snapshot,

@@ -63,12 +63,13 @@ impl AccessLog {
     }
 
     /// Starts a record for one request; the line is written when the guard drops.
-    pub fn begin(&self, record: AccessRecord) -> Option<LogGuard> {
+    /// `record` is only called when the log is enabled, so a disabled log costs nothing.
+    pub fn begin(&self, record: impl FnOnce() -> AccessRecord) -> Option<LogGuard> {
         let sink = self.sink.clone()?;
         Some(LogGuard {
             sink,
             started: Instant::now(),
-            record: Box::new(record),
+            record: Box::new(record()),
         })
     }
 
