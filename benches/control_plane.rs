@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use gatehouse::config::{self, Config, Format};
-use gatehouse::route::{RequestFacts, RouteSpec, Router};
+use gatehouse::route::{RequestFacts, Router};
 use gatehouse::snapshot::{compile, Publisher};
 use gatehouse::upstream::UpstreamRegistry;
 use http::{HeaderMap, HeaderValue, Method};
@@ -166,15 +166,7 @@ fn bench_routing(c: &mut Criterion) {
     let client_ip = IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3));
     for routes in SIZES {
         let config = parse(&config_text(routes));
-        let specs: Vec<RouteSpec<'_>> = config
-            .routes
-            .iter()
-            .map(|route| RouteSpec {
-                priority: route.priority,
-                matcher: &route.matcher,
-            })
-            .collect();
-        let router = Router::build(&specs).expect("builds");
+        let router = Router::for_routes(&config.routes).expect("builds");
         let probes = probes(routes);
         let matched = probes
             .iter()

@@ -21,7 +21,7 @@ use http::{HeaderMap, HeaderName, Method};
 use ipnet::IpNet;
 use regex::{Regex, RegexSet};
 
-use crate::config::{MatchConfig, ValueMatchConfig};
+use crate::config::{MatchConfig, RouteConfig, ValueMatchConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
@@ -419,6 +419,18 @@ impl Router {
             })?;
         }
         Ok(router)
+    }
+
+    /// Builds the router for a config's routes, in config order.
+    pub fn for_routes(routes: &[RouteConfig]) -> Result<Router, RouteError> {
+        let specs: Vec<RouteSpec<'_>> = routes
+            .iter()
+            .map(|route| RouteSpec {
+                priority: route.priority,
+                matcher: &route.matcher,
+            })
+            .collect();
+        Router::build(&specs)
     }
 
     /// The config index of the winning route.

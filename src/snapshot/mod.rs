@@ -18,7 +18,7 @@ use ipnet::IpNet;
 use regex::Regex;
 
 use crate::config::{Config, ListenerConfig, RouteConfig, XffMode};
-use crate::route::{RouteError, RouteSpec, Router};
+use crate::route::{RouteError, Router};
 use crate::upstream::{Pool, UpstreamRegistry};
 
 #[derive(Debug, thiserror::Error)]
@@ -111,15 +111,7 @@ pub fn compile(
     version: u64,
     registry: &UpstreamRegistry,
 ) -> Result<Snapshot, CompileError> {
-    let specs: Vec<RouteSpec<'_>> = config
-        .routes
-        .iter()
-        .map(|route| RouteSpec {
-            priority: route.priority,
-            matcher: &route.matcher,
-        })
-        .collect();
-    let router = Router::build(&specs)?;
+    let router = Router::for_routes(&config.routes)?;
     let pools: HashMap<String, Arc<Pool>> = config
         .pools
         .iter()

@@ -133,11 +133,7 @@ impl Connections {
                     address: self.address.clone(),
                     source,
                 })?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.with_upgrades().await {
-                tracing::debug!(error = %err, "upstream HTTP/1 connection ended with an error");
-            }
-        });
+        drive(connection.with_upgrades(), "HTTP/1");
         let response = sender
             .send_request(request)
             .await
@@ -266,11 +262,7 @@ impl Connections {
                 address: self.address.clone(),
                 source,
             })?;
-        tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(error = %err, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        drive(connection, "HTTP/2");
         Ok(sender)
     }
 
@@ -301,4 +293,16 @@ impl Connections {
             Conns::H2c { shared, .. } => usize::from(shared.lock().is_some()),
         }
     }
+}
+
+/// Runs an upstream connection's I/O in the background until it closes.
+fn drive(
+    connection: impl std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    protocol: &'static str,
+) {
+    tokio::spawn(async move {
+        if let Err(err) = connection.await {
+            tracing::debug!(error = %err, protocol, "upstream connection ended with an error");
+        }
+    });
 }
