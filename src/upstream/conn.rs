@@ -8,7 +8,6 @@
 //! protocol and per-endpoint connection limits.
 
 use std::net::SocketAddr;
-use std::task::Poll;
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -17,7 +16,6 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::TcpStream;
-use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
 use super::UpstreamError;
@@ -32,28 +30,23 @@ pub struct ConnSettings {
     pub idle_timeout: Duration,
 }
 
-struct IdleConn {
+/// An HTTP/1.1 connection that is not carrying a request for us: idle, or still finishing
+/// the response it last carried (its body streaming to a client). hyper flips it to ready
+/// by itself when the exchange completes cleanly; one that errors, is upgraded, or whose
+/// response body is abandoned closes instead and is never handed out again.
+struct Parked {
     sender: http1::SendRequest<RequestBody>,
-    idle_since: Instant,
+    /// When the connection last delivered a response head. Idle time is counted from here,
+    /// which errs towards closing a connection slightly early, never late.
+    since: Instant,
 }
 
-/// A connection whose exchange is finishing, with the task that moves it to the idle list
-/// once hyper reports it ready for another request.
-struct Returning {
-    id: u64,
-    sender: http1::SendRequest<RequestBody>,
-    waiter: AbortHandle,
-}
-
-/// The HTTP/1.1 connections of one endpoint that are not carrying a request.
+/// The HTTP/1.1 connections of one endpoint. A plain list checked under a short lock
+/// instead of a task per response that waits for readiness: the check is a few atomic
+/// loads per connection, a spawned task per request costs far more.
 #[derive(Default)]
 struct Http1Pool {
-    idle: Vec<IdleConn>,
-    /// A client can read the end of a response and send its next request before the
-    /// returning connection's task has been scheduled; a checkout looks here too, so that
-    /// request reuses the connection instead of opening another one.
-    returning: Vec<Returning>,
-    next_id: u64,
+    parked: Vec<Parked>,
 }
 
 enum Conns {
@@ -142,64 +135,49 @@ impl Connections {
         Ok(response)
     }
 
+    /// The most recently parked connection that is ready for a request and not past its
+    /// idle timeout. Closed and expired connections met on the way are dropped.
     fn checkout_idle(
         &self,
         pool: &Mutex<Http1Pool>,
         settings: &ConnSettings,
     ) -> Option<http1::SendRequest<RequestBody>> {
         let mut pool = pool.lock();
-        while let Some(conn) = pool.idle.pop() {
-            if conn.idle_since.elapsed() < settings.idle_timeout && conn.sender.is_ready() {
-                return Some(conn.sender);
+        let mut index = pool.parked.len();
+        while index > 0 {
+            index -= 1;
+            let conn = &pool.parked[index];
+            if conn.sender.is_closed() {
+                pool.parked.swap_remove(index);
+            } else if conn.sender.is_ready() {
+                let conn = pool.parked.swap_remove(index);
+                if conn.since.elapsed() < settings.idle_timeout {
+                    return Some(conn.sender);
+                }
             }
         }
-        let index = pool
-            .returning
-            .iter()
-            .position(|conn| conn.sender.is_ready())?;
-        let conn = pool.returning.swap_remove(index);
-        conn.waiter.abort();
-        Some(conn.sender)
+        None
     }
 
-    /// Returns the connection to the idle list once its current exchange has completed in
-    /// both directions. A connection that errors, is upgraded, or whose response body is
-    /// dropped early never becomes ready again, so it is never reused.
-    fn recycle(
-        self: &std::sync::Arc<Self>,
-        sender: http1::SendRequest<RequestBody>,
-        settings: &ConnSettings,
-    ) {
+    /// Parks a connection that has just delivered a response head, for reuse once its
+    /// exchange completes, unless `max_idle` connections are already waiting idle.
+    fn recycle(&self, sender: http1::SendRequest<RequestBody>, settings: &ConnSettings) {
         let Conns::Http1(pool) = &self.conns else {
             return;
         };
-        let this = self.clone();
-        let max_idle = settings.max_idle;
-        // Spawned under the lock, so no checkout can take the entry before it has its
-        // waiter to abort; the task itself waits for the lock before looking at it.
-        let mut guard = pool.lock();
-        let id = guard.next_id;
-        guard.next_id += 1;
-        let waiter = tokio::spawn(std::future::poll_fn(move |cx| {
-            let Conns::Http1(pool) = &this.conns else {
-                return Poll::Ready(());
-            };
-            let mut pool = pool.lock();
-            let Some(index) = pool.returning.iter().position(|conn| conn.id == id) else {
-                return Poll::Ready(());
-            };
-            let ready = std::task::ready!(pool.returning[index].sender.poll_ready(cx));
-            let conn = pool.returning.swap_remove(index);
-            if ready.is_ok() && pool.idle.len() < max_idle {
-                pool.idle.push(IdleConn {
-                    sender: conn.sender,
-                    idle_since: Instant::now(),
-                });
-            }
-            Poll::Ready(())
-        }))
-        .abort_handle();
-        guard.returning.push(Returning { id, sender, waiter });
+        let mut pool = pool.lock();
+        pool.parked.retain(|conn| !conn.sender.is_closed());
+        let idle = pool
+            .parked
+            .iter()
+            .filter(|conn| conn.sender.is_ready())
+            .count();
+        if idle < settings.max_idle {
+            pool.parked.push(Parked {
+                sender,
+                since: Instant::now(),
+            });
+        }
     }
 
     async fn send_h2c(
@@ -289,7 +267,12 @@ impl Connections {
     /// Idle HTTP/1 connections currently pooled (for tests and status).
     pub fn idle_count(&self) -> usize {
         match &self.conns {
-            Conns::Http1(pool) => pool.lock().idle.len(),
+            Conns::Http1(pool) => pool
+                .lock()
+                .parked
+                .iter()
+                .filter(|conn| conn.sender.is_ready())
+                .count(),
             Conns::H2c { shared, .. } => usize::from(shared.lock().is_some()),
         }
     }
