@@ -14,12 +14,16 @@
 
 use std::borrow::Cow;
 use std::cmp::Reverse;
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use http::{HeaderMap, HeaderName, Method};
 use ipnet::IpNet;
 use regex::{Regex, RegexSet};
+
+/// Route maps are built once per snapshot and read on every request; foldhash is several
+/// times faster than SipHash for short keys and still seeded per process, so client-chosen
+/// hosts and paths cannot be aimed at collisions.
+type HashMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
 
 use crate::config::{MatchConfig, RouteConfig, ValueMatchConfig};
 
@@ -272,6 +276,9 @@ pub struct Router {
     conditions: Vec<Conditions>,
     exact_hosts: HashMap<Box<str>, PathIndex>,
     wildcard_hosts: HashMap<Box<str>, PathIndex>,
+    /// Bit n is set when some wildcard suffix has n labels (`*.a.example.com` → 3), so a
+    /// lookup only hashes the suffixes of the request host that could be in the map.
+    wildcard_label_counts: u64,
     any_host: PathIndex,
 }
 
@@ -390,18 +397,22 @@ impl Router {
         let mut router = Router {
             entry_route: entries.iter().map(|entry| entry.route).collect(),
             conditions,
-            exact_hosts: HashMap::new(),
-            wildcard_hosts: HashMap::new(),
+            exact_hosts: HashMap::default(),
+            wildcard_hosts: HashMap::default(),
+            wildcard_label_counts: 0,
             any_host: PathIndex::default(),
         };
         for (rank, entry) in entries.iter().enumerate() {
             let rank = rank as u32;
             let index = match &entry.host {
                 HostKey::Exact(host) => router.exact_hosts.entry(host.as_str().into()).or_default(),
-                HostKey::Wildcard(suffix) => router
-                    .wildcard_hosts
-                    .entry(suffix.as_str().into())
-                    .or_default(),
+                HostKey::Wildcard(suffix) => {
+                    router.wildcard_label_counts |= label_bit(label_count(suffix));
+                    router
+                        .wildcard_hosts
+                        .entry(suffix.as_str().into())
+                        .or_default()
+                }
                 HostKey::Any => &mut router.any_host,
             };
             index.insert(&path_forms[entry.path], rank);
@@ -439,11 +450,15 @@ impl Router {
         if let Some(index) = self.exact_hosts.get(facts.host) {
             best = index.best(self, facts, best);
         }
-        if !self.wildcard_hosts.is_empty() {
+        if self.wildcard_label_counts != 0 {
             let mut rest = facts.host;
+            let mut labels = label_count(rest);
             while let Some((_, suffix)) = rest.split_once('.') {
-                if let Some(index) = self.wildcard_hosts.get(suffix) {
-                    best = index.best(self, facts, best);
+                labels -= 1;
+                if self.wildcard_label_counts & label_bit(labels) != 0 {
+                    if let Some(index) = self.wildcard_hosts.get(suffix) {
+                        best = index.best(self, facts, best);
+                    }
                 }
                 rest = suffix;
             }
@@ -474,6 +489,15 @@ impl MatchConfig {
     fn sources_or_empty(&self) -> Vec<IpNet> {
         self.source_cidrs.iter().map(IpNet::trunc).collect()
     }
+}
+
+fn label_count(host: &str) -> usize {
+    host.bytes().filter(|&b| b == b'.').count() + 1
+}
+
+/// Hosts with 64 labels or more share the top bit, which only costs them a hash lookup.
+fn label_bit(labels: usize) -> u64 {
+    1 << labels.min(63)
 }
 
 /// `/api/v1/` → `["api", "v1"]`; `/` → `[]` (matches every path).
