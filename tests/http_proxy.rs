@@ -15,7 +15,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 
-use support::{config_with_pool, echoed_header, full, http1_client, Backend, Gateway, PATIENCE};
+use support::{
+    config_with_pool, echoed_header, full, http1_client, json_of, Backend, Gateway, PATIENCE,
+};
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -325,18 +327,15 @@ async fn get_head_post_put_delete_reach_the_backend_with_their_query_strings() {
 async fn repeated_request_headers_reach_the_backend_in_order() {
     let backend = Backend::echo().await;
     let gateway = Gateway::start(&forward_all(backend.addr, ""));
-    let answer: serde_json::Value = http1_client()
-        .get(gateway.url("public", "/"))
-        .header("x-multi", "first")
-        .header("x-other", "between")
-        .header("x-multi", "second")
-        .header("x-multi", "third")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http1_client()
+            .get(gateway.url("public", "/"))
+            .header("x-multi", "first")
+            .header("x-other", "between")
+            .header("x-multi", "second")
+            .header("x-multi", "third"),
+    )
+    .await;
     assert_eq!(
         echoed_header(&answer, "x-multi"),
         vec!["first", "second", "third"]
@@ -406,15 +405,12 @@ async fn strip_prefix_removes_the_prefix_and_keeps_the_query() {
 async fn client_host_is_sent_upstream_by_default() {
     let backend = Backend::echo().await;
     let gateway = Gateway::start(&forward_all(backend.addr, ""));
-    let answer: serde_json::Value = http1_client()
-        .get(gateway.url("public", "/"))
-        .header("host", "shop.example:8443")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http1_client()
+            .get(gateway.url("public", "/"))
+            .header("host", "shop.example:8443"),
+    )
+    .await;
     assert_eq!(echoed_header(&answer, "host"), vec!["shop.example:8443"]);
 }
 
@@ -425,15 +421,12 @@ async fn host_rewrite_sends_the_configured_host_upstream() {
         &[backend.addr],
         "[[routes]]\npool = \"app\"\nhost_rewrite = \"internal.svc\"\n",
     ));
-    let answer: serde_json::Value = http1_client()
-        .get(gateway.url("public", "/"))
-        .header("host", "shop.example")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http1_client()
+            .get(gateway.url("public", "/"))
+            .header("host", "shop.example"),
+    )
+    .await;
     assert_eq!(echoed_header(&answer, "host"), vec!["internal.svc"]);
     // The original host is still visible to the backend.
     assert_eq!(
@@ -449,15 +442,12 @@ async fn preserve_host_false_sends_the_endpoint_address_upstream() {
         &[backend.addr],
         "[[routes]]\npool = \"app\"\npreserve_host = false\n",
     ));
-    let answer: serde_json::Value = http1_client()
-        .get(gateway.url("public", "/"))
-        .header("host", "shop.example")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http1_client()
+            .get(gateway.url("public", "/"))
+            .header("host", "shop.example"),
+    )
+    .await;
     assert_eq!(
         echoed_header(&answer, "host"),
         vec![backend.addr.to_string()]
@@ -524,19 +514,16 @@ async fn te_trailers_is_the_only_te_value_forwarded() {
 async fn untrusted_peer_forwarding_headers_are_replaced() {
     let backend = Backend::echo().await;
     let gateway = Gateway::start(&forward_all(backend.addr, ""));
-    let answer: serde_json::Value = http1_client()
-        .get(gateway.url("public", "/"))
-        .header("host", "shop.example")
-        .header("x-forwarded-for", "203.0.113.9")
-        .header("x-forwarded-proto", "https")
-        .header("x-forwarded-host", "spoofed.example")
-        .header("x-real-ip", "203.0.113.9")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http1_client()
+            .get(gateway.url("public", "/"))
+            .header("host", "shop.example")
+            .header("x-forwarded-for", "203.0.113.9")
+            .header("x-forwarded-proto", "https")
+            .header("x-forwarded-host", "spoofed.example")
+            .header("x-real-ip", "203.0.113.9"),
+    )
+    .await;
     assert_eq!(echoed_header(&answer, "x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(echoed_header(&answer, "x-real-ip"), vec!["127.0.0.1"]);
     assert_eq!(echoed_header(&answer, "x-forwarded-proto"), vec!["http"]);
@@ -550,15 +537,12 @@ async fn untrusted_peer_forwarding_headers_are_replaced() {
 async fn forwarding_headers_describe_the_client_request() {
     let backend = Backend::echo().await;
     let gateway = Gateway::start(&forward_all(backend.addr, ""));
-    let answer: serde_json::Value = http1_client()
-        .get(gateway.url("public", "/"))
-        .header("host", "Shop.Example:8080")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let answer = json_of(
+        http1_client()
+            .get(gateway.url("public", "/"))
+            .header("host", "Shop.Example:8080"),
+    )
+    .await;
     assert_eq!(echoed_header(&answer, "x-forwarded-for"), vec!["127.0.0.1"]);
     assert_eq!(echoed_header(&answer, "x-forwarded-proto"), vec!["http"]);
     assert_eq!(

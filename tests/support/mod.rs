@@ -495,3 +495,14 @@ impl Gateway {
         RssSampler { stop, task }
     }
 }
+
+/// Sends a request and parses the JSON answer (an echo backend's, usually).
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    request
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("JSON answer")
+}
