@@ -18,7 +18,8 @@
 #         (bench_client rate: open-loop, latency from each request's due time);
 #       - h2c throughput (h2load, 100 concurrent streams per connection);
 #       - memory of BENCH_IDLE_CONNECTIONS idle keep-alive connections (bench_client
-#         idle; RSS of each peer's processes from /proc, before and after);
+#         idle, on a freshly restarted peer; summed RSS of the peer's processes from
+#         /proc before and after, divided by the connections);
 #  5. prints a summary with ratios vs Gatehouse and saves everything under BENCH_OUT.
 #
 # Everything it starts listens on 127.0.0.1 only and is stopped on exit.
@@ -29,11 +30,12 @@
 #   BENCH_ROUNDS=3            interleaved rounds per load; medians are reported
 #   BENCH_WORKERS="1 2"       worker counts to measure (same for every peer)
 #   BENCH_CONNECTIONS=50      wrk / rate-client connections
-#   BENCH_WRK_THREADS=1       wrk threads
+#   BENCH_WRK_THREADS=1       wrk threads (and rate-client threads)
 #   BENCH_H2_CONNECTIONS=10   h2load connections (each with 100 streams: -m 100)
 #   BENCH_H2_STREAMS=100      h2load -m
-#   BENCH_IDLE_CONNECTIONS=9500    (not 10,000: the hard open-files limit here is 20000
-#                             and HAProxy needs two descriptors per connection)
+#   BENCH_IDLE_CONNECTIONS=10000   (fewer when `ulimit -n` cannot be raised far enough:
+#                             HAProxy reserves two descriptors per connection, so with
+#                             the 20000 hard limit of some containers this is 9500)
 #   BENCH_BACKEND_WORKERS=1   nginx workers of the fixed backend
 #   BENCH_PORT_BASE=18100     ports BASE..BASE+9 are used
 #   BENCH_MAX_LOAD=           if set (e.g. 0.7), wait until the 1-minute load average is
@@ -41,6 +43,7 @@
 #                             BENCH_LOAD_WAIT=900 s, then measures anyway and says so)
 #   BENCH_OUT=target/bench/<timestamp>   results directory
 #   BENCH_PEERS="gatehouse nginx haproxy"
+#   BENCH_SKIP_BUILD=1        reuse target/release binaries (iterating on the harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -53,6 +56,18 @@ for arg in "$@"; do
     *) echo "unknown argument: $arg (try --help)" >&2; exit 2 ;;
   esac
 done
+# Descriptors: as many as allowed (containers often cap the hard limit, e.g. at 20000).
+# The peer configs are sized from it: HAProxy refuses to start when 2 × maxconn plus its
+# reserve exceeds its descriptor limit, nginx warns when worker_connections does.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+NOFILE=$(ulimit -n)
+HAPROXY_MAXCONN=$(((NOFILE - 400) / 2))
+((HAPROXY_MAXCONN > 40000)) && HAPROXY_MAXCONN=40000
+NGINX_CONNECTIONS=$((NOFILE - 1000))
+((NGINX_CONNECTIONS > 40000)) && NGINX_CONNECTIONS=40000
+IDLE_FIT=$((HAPROXY_MAXCONN - 300))
+((IDLE_FIT > 10000)) && IDLE_FIT=10000
+
 if [[ $QUICK == 1 ]]; then
   DURATION=${BENCH_DURATION:-2s}
   WARMUP=${BENCH_WARMUP:-1s}
@@ -64,7 +79,7 @@ else
   WARMUP=${BENCH_WARMUP:-3s}
   ROUNDS=${BENCH_ROUNDS:-3}
   WORKERS_LIST=${BENCH_WORKERS:-1 2}
-  IDLE_CONNECTIONS=${BENCH_IDLE_CONNECTIONS:-9500}
+  IDLE_CONNECTIONS=${BENCH_IDLE_CONNECTIONS:-$IDLE_FIT}
 fi
 CONNECTIONS=${BENCH_CONNECTIONS:-50}
 WRK_THREADS=${BENCH_WRK_THREADS:-1}
@@ -167,6 +182,8 @@ render() { # template output [extra sed expressions]
   shift 2
   sed -e "s|@RUN@|$RUN|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
     -e "s|@BACKEND_H2_PORT@|$BACKEND_H2_PORT|g" -e "s|@BACKEND_WORKERS@|$BACKEND_WORKERS|g" \
+    -e "s|@NOFILE@|$NOFILE|g" -e "s|@NGINX_CONNECTIONS@|$NGINX_CONNECTIONS|g" \
+    -e "s|@HAPROXY_MAXCONN@|$HAPROXY_MAXCONN|g" \
     "$@" "$template" >"$output"
   if grep -v '^[[:space:]]*#' "$output" | grep -q '@[A-Z_0-9]*@'; then die "unfilled placeholder in $output"; fi
 }
@@ -281,7 +298,7 @@ run_rate() { # workers peer round rate
   local w=$1 peer=$2 round=$3 rate=$4
   local raw=$OUT/raw/w$w-rate-$peer-r$round.txt
   "$ROOT/target/release/examples/bench_client" rate --addr "127.0.0.1:${PORT[$peer]}" \
-    --rate "$rate" --connections "$CONNECTIONS" --duration "$DURATION" --warmup 2s \
+    --rate "$rate" --connections "$CONNECTIONS" --threads "$WRK_THREADS" --duration "$DURATION" --warmup 2s \
     >"$raw" 2>&1 || die "rate client failed against $peer: $(tail -3 "$raw")"
   local line key
   line=$(tail -1 "$raw")
@@ -309,6 +326,10 @@ run_h2() { # workers peer round
 run_idle() { # workers peer
   local w=$1 peer=$2
   local raw=$OUT/raw/w$w-idle-$peer.txt
+  # A fresh process: memory freed after the earlier loads stays in each allocator's free
+  # lists and would be reused for the idle connections, hiding their cost.
+  stop_pid "${PEER_PID[$peer]}"
+  start_peer "$peer" "$w"
   local -a pids
   mapfile -t pids < <(peer_pids "${PEER_PID[$peer]}")
   sleep 1
@@ -411,18 +432,24 @@ summary() {
 
 # ------------------------------------------------------------------------------- main
 install_deps
-log "building gatehouse and the bench client (cargo build --release --locked)"
-cargo build --release --locked --bin gatehouse --example bench_client
+if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
+  log "BENCH_SKIP_BUILD=1: using the existing target/release binaries"
+else
+  log "building gatehouse and the bench client (cargo build --release --locked)"
+  cargo build --release --locked --bin gatehouse --example bench_client
+fi
 
-ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+((IDLE_CONNECTIONS <= IDLE_FIT)) ||
+  die "ulimit -n is $NOFILE: at most $IDLE_FIT idle connections fit (BENCH_IDLE_CONNECTIONS=$IDLE_CONNECTIONS)"
 check_free "$BACKEND_PORT" "$BACKEND_H2_PORT" "${PORT[gatehouse]}" "${PORT[nginx]}" "${H2_PORT[nginx]}" \
   "${PORT[haproxy]}" "${H2_PORT[haproxy]}"
 
 {
   echo "machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
   echo "memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
+  echo "source: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
   echo "versions: $("$ROOT/target/release/gatehouse" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{ print "HAProxy " $3 }'), wrk $(wrk -v 2>&1 | head -1 | awk '{ print $2 }'), $(h2load --version | head -1 | sed 's/.*nghttp2\//h2load /')"
-  echo "settings: duration $DURATION, rounds $ROUNDS, workers '$WORKERS_LIST', wrk -t$WRK_THREADS -c$CONNECTIONS, h2load -c$H2_CONNECTIONS -m$H2_STREAMS, idle $IDLE_CONNECTIONS, backend nginx with $BACKEND_WORKERS worker(s)"
+  echo "settings: duration $DURATION, rounds $ROUNDS, workers '$WORKERS_LIST', wrk -t$WRK_THREADS -c$CONNECTIONS, h2load -c$H2_CONNECTIONS -m$H2_STREAMS, idle $IDLE_CONNECTIONS, backend nginx with $BACKEND_WORKERS worker(s), ulimit -n $NOFILE (HAProxy maxconn $HAPROXY_MAXCONN)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 

@@ -3,11 +3,13 @@
 //!
 //! `rate`: an open-loop, fixed-rate HTTP/1.1 keep-alive load generator. Debian has no
 //! wrk2, so this replaces it: `--rate` requests per second are spread evenly over
-//! `--connections` keep-alive connections (one thread each, blocking sockets, so send
-//! times are not rounded to a 1 ms timer wheel). Request `i` is due at `start + i/rate`;
-//! its latency is measured from when it was *due*, not from when it was sent, so a slow
-//! server cannot hide its stalls by delaying the load (coordinated omission is corrected
-//! as wrk2 does). Prints one `key=value` line.
+//! `--connections` keep-alive connections driven by one event-loop thread (as cheap per
+//! request as wrk, which matters when the client shares two cores with the server).
+//! Request `i` is due at `start + i/rate`. When a request falls due while its connection
+//! is still waiting for the previous response, its latency counts from the due time, so
+//! a server that stalls cannot hide the stall by slowing the load down (coordinated
+//! omission corrected, as wrk2 does); otherwise it counts from the moment it was sent.
+//! Prints one `key=value` line.
 //!
 //! `idle`: opens `--connections` keep-alive connections, sends one request on each, reads
 //! the response, then holds every connection open and idle. Prints `ready N` once all are
@@ -18,7 +20,7 @@
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +42,9 @@ enum Command {
         rate: f64,
         #[arg(long, default_value_t = 50)]
         connections: usize,
+        /// Client threads (1: a single-threaded event loop, like `wrk -t1`).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         /// Measured duration, after the warm-up.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
@@ -71,10 +76,11 @@ fn main() -> anyhow::Result<()> {
             addr,
             rate,
             connections,
+            threads,
             duration,
             warmup,
             path,
-        } => run_rate(addr, rate, connections, duration, warmup, &path),
+        } => run_rate(addr, rate, connections, threads, duration, warmup, &path),
         Command::Idle {
             addr,
             connections,
@@ -90,19 +96,11 @@ fn request_bytes(addr: SocketAddr, path: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Reads one HTTP/1.1 response (Content-Length or chunked body) and returns its status.
-/// `buf` carries bytes read past the end of the response (none without pipelining).
-fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<u16> {
-    let mut chunk = [0u8; 16 * 1024];
-    let header_end = loop {
-        if let Some(pos) = find(buf, b"\r\n\r\n") {
-            break pos + 4;
-        }
-        let n = stream.read(&mut chunk)?;
-        if n == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
+/// If `buf` starts with a complete HTTP/1.1 response (Content-Length or chunked body),
+/// returns its status and length in bytes.
+fn complete_response(buf: &[u8]) -> io::Result<Option<(u16, usize)>> {
+    let Some(header_end) = find(buf, b"\r\n\r\n").map(|pos| pos + 4) else {
+        return Ok(None);
     };
     let head = std::str::from_utf8(&buf[..header_end]).map_err(io::Error::other)?;
     let mut lines = head.split("\r\n");
@@ -111,13 +109,13 @@ fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<u16> {
         .and_then(|line| line.split(' ').nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| io::Error::other("bad status line"))?;
-    let mut content_length = None;
+    let mut content_length = 0;
     let mut chunked = false;
     for line in lines {
         if let Some((name, value)) = line.split_once(':') {
             let value = value.trim();
             if name.eq_ignore_ascii_case("content-length") {
-                content_length = value.parse::<usize>().ok();
+                content_length = value.parse::<usize>().map_err(io::Error::other)?;
             } else if name.eq_ignore_ascii_case("transfer-encoding")
                 && value.to_ascii_lowercase().contains("chunked")
             {
@@ -125,54 +123,71 @@ fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<u16> {
             }
         }
     }
-    buf.drain(..header_end);
-    if chunked {
-        loop {
-            let line_end = loop {
-                if let Some(pos) = find(buf, b"\r\n") {
-                    break pos;
-                }
-                fill(stream, buf, &mut chunk)?;
-            };
-            let size_text = std::str::from_utf8(&buf[..line_end]).map_err(io::Error::other)?;
-            let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-                .map_err(io::Error::other)?;
-            buf.drain(..line_end + 2);
-            if size == 0 {
-                // Trailers (if any) end with an empty line.
-                loop {
-                    if let Some(pos) = find(buf, b"\r\n") {
-                        let empty = pos == 0;
-                        buf.drain(..pos + 2);
-                        if empty {
-                            return Ok(status);
-                        }
-                    } else {
-                        fill(stream, buf, &mut chunk)?;
-                    }
+    if !chunked {
+        let total = header_end + content_length;
+        return Ok((buf.len() >= total).then_some((status, total)));
+    }
+    let mut pos = header_end;
+    loop {
+        let Some(line_len) = find(&buf[pos..], b"\r\n") else {
+            return Ok(None);
+        };
+        let size_text = std::str::from_utf8(&buf[pos..pos + line_len]).map_err(io::Error::other)?;
+        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(io::Error::other)?;
+        pos += line_len + 2;
+        if size == 0 {
+            // Trailers, if any, then an empty line.
+            loop {
+                let Some(line_len) = find(&buf[pos..], b"\r\n") else {
+                    return Ok(None);
+                };
+                pos += line_len + 2;
+                if line_len == 0 {
+                    return Ok(Some((status, pos)));
                 }
             }
-            while buf.len() < size + 2 {
-                fill(stream, buf, &mut chunk)?;
-            }
-            buf.drain(..size + 2);
         }
+        if buf.len() < pos + size + 2 {
+            return Ok(None);
+        }
+        pos += size + 2;
     }
-    let length = content_length.unwrap_or(0);
-    while buf.len() < length {
-        fill(stream, buf, &mut chunk)?;
-    }
-    buf.drain(..length);
-    Ok(status)
 }
 
-fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, chunk: &mut [u8]) -> io::Result<()> {
-    let n = stream.read(chunk)?;
-    if n == 0 {
-        return Err(io::ErrorKind::UnexpectedEof.into());
+/// Reads one response from a blocking socket; returns its status. `buf` keeps any bytes
+/// past its end (none without pipelining).
+fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> io::Result<u16> {
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some((status, len)) = complete_response(buf)? {
+            buf.drain(..len);
+            return Ok(status);
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
     }
-    buf.extend_from_slice(&chunk[..n]);
-    Ok(())
+}
+
+/// The same on a tokio socket.
+async fn read_response_async(
+    stream: &mut tokio::net::TcpStream,
+    buf: &mut Vec<u8>,
+) -> io::Result<u16> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some((status, len)) = complete_response(buf)? {
+            buf.drain(..len);
+            return Ok(status);
+        }
+        buf.reserve(16 * 1024);
+        if stream.read_buf(buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
 }
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
@@ -189,17 +204,92 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
 }
 
 #[derive(Default)]
-struct ThreadResult {
+struct ConnResult {
     /// Latency in microseconds of every measured request that succeeded.
     latencies: Vec<u32>,
     errors: u64,
     non_2xx: u64,
 }
 
+struct Schedule {
+    addr: SocketAddr,
+    request: Arc<Vec<u8>>,
+    first_due: tokio::time::Instant,
+    interval: Duration,
+    measure_from: tokio::time::Instant,
+    end: tokio::time::Instant,
+}
+
+async fn connect_async(addr: SocketAddr) -> io::Result<tokio::net::TcpStream> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// One connection's share of the load: requests due every `interval`, sent when due or,
+/// if the previous response is late, as soon as it arrives.
+async fn drive_connection(mut stream: tokio::net::TcpStream, plan: Schedule) -> ConnResult {
+    use tokio::io::AsyncWriteExt;
+    let mut result = ConnResult::default();
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let mut due = plan.first_due;
+    while due < plan.end {
+        // Latency clock: from the due time when the connection was still busy with the
+        // previous request then (the server delayed this one: coordinated omission
+        // corrected, as wrk2 does); from the actual send when the connection was idle,
+        // so the client's own timer granularity (tokio: 1 ms) is not charged to the server.
+        let clock = if tokio::time::Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+            tokio::time::Instant::now()
+        } else {
+            due
+        };
+        let outcome = async {
+            stream.write_all(&plan.request).await?;
+            read_response_async(&mut stream, &mut buf).await
+        };
+        let outcome = tokio::time::timeout(Duration::from_secs(10), outcome).await;
+        let measured = due >= plan.measure_from;
+        match outcome {
+            Ok(Ok(status)) => {
+                if measured {
+                    let micros = clock.elapsed().as_micros();
+                    result.latencies.push(micros.min(u32::MAX as u128) as u32);
+                    if !(200..300).contains(&status) {
+                        result.non_2xx += 1;
+                    }
+                }
+            }
+            _ => {
+                if measured {
+                    result.errors += 1;
+                }
+                buf.clear();
+                loop {
+                    match connect_async(plan.addr).await {
+                        Ok(fresh) => {
+                            stream = fresh;
+                            break;
+                        }
+                        Err(_) if tokio::time::Instant::now() < plan.end => {
+                            tokio::time::sleep(Duration::from_millis(10)).await
+                        }
+                        Err(_) => return result,
+                    }
+                }
+            }
+        }
+        due += plan.interval;
+    }
+    result
+}
+
+#[allow(clippy::too_many_arguments)]
 fn run_rate(
     addr: SocketAddr,
     rate: f64,
     connections: usize,
+    threads: usize,
     duration: Duration,
     warmup: Duration,
     path: &str,
@@ -208,67 +298,51 @@ fn run_rate(
         rate > 0.0 && connections > 0,
         "rate and connections must be > 0"
     );
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     let request = Arc::new(request_bytes(addr, path));
     let interval = Duration::from_secs_f64(connections as f64 / rate);
-    // Connect everything first, then start the schedule shortly after.
-    let mut streams = Vec::with_capacity(connections);
-    for _ in 0..connections {
-        streams.push(connect(addr)?);
-    }
-    let start = Instant::now() + Duration::from_millis(100);
-    let measure_from = start + warmup;
-    let end = measure_from + duration;
-    let mut threads = Vec::with_capacity(connections);
-    for (k, mut stream) in streams.into_iter().enumerate() {
-        let request = request.clone();
-        let offset = Duration::from_secs_f64(k as f64 / rate);
-        threads.push(std::thread::spawn(move || {
-            let mut result = ThreadResult::default();
-            let mut buf = Vec::with_capacity(4096);
-            let mut due = start + offset;
-            while due < end {
-                let now = Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-                let outcome = stream
-                    .write_all(&request)
-                    .and_then(|()| read_response(&mut stream, &mut buf));
-                let done = Instant::now();
-                let measured = due >= measure_from;
-                match outcome {
-                    Ok(status) => {
-                        if measured {
-                            let micros = done.duration_since(due).as_micros();
-                            result.latencies.push(micros.min(u32::MAX as u128) as u32);
-                            if !(200..300).contains(&status) {
-                                result.non_2xx += 1;
-                            }
-                        }
-                    }
-                    Err(_) => {
-                        if measured {
-                            result.errors += 1;
-                        }
-                        buf.clear();
-                        match connect(addr) {
-                            Ok(fresh) => stream = fresh,
-                            Err(_) => std::thread::sleep(Duration::from_millis(10)),
-                        }
-                    }
-                }
-                due += interval;
-            }
-            result
-        }));
-    }
+    let results = runtime.block_on(async {
+        // Connect everything first, then start the schedule shortly after.
+        let mut streams = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            streams.push(connect_async(addr).await?);
+        }
+        let start = tokio::time::Instant::now() + Duration::from_millis(100);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (k, stream) in streams.into_iter().enumerate() {
+            // Connection k sends requests k, k + C, k + 2C, … of the global schedule.
+            let first_due = start + Duration::from_secs_f64(k as f64 / rate);
+            tasks.spawn(drive_connection(
+                stream,
+                Schedule {
+                    addr,
+                    request: request.clone(),
+                    first_due,
+                    interval,
+                    measure_from: start + warmup,
+                    end: start + warmup + duration,
+                },
+            ));
+        }
+        let mut results = Vec::with_capacity(connections);
+        while let Some(result) = tasks.join_next().await {
+            results.push(result?);
+        }
+        anyhow::Ok(results)
+    })?;
     let mut all = Vec::new();
     let mut errors = 0;
     let mut non_2xx = 0;
-    for thread in threads {
-        let result = thread
-            .join()
-            .map_err(|_| anyhow::anyhow!("load thread panicked"))?;
+    for result in results {
         all.extend_from_slice(&result.latencies);
         errors += result.errors;
         non_2xx += result.non_2xx;

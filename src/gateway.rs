@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,8 @@ pub struct Gateway {
     listeners: Mutex<Listeners>,
     config_path: Option<PathBuf>,
     demo_addr: Option<SocketAddr>,
+    /// Set when a drain starts; `/ready` reports false from then on (SPEC OPS-4).
+    draining: AtomicBool,
 }
 
 impl Gateway {
@@ -78,6 +81,7 @@ impl Gateway {
             listeners: Mutex::new(listeners),
             config_path,
             demo_addr,
+            draining: AtomicBool::new(false),
         })
     }
 
@@ -129,6 +133,11 @@ impl Gateway {
         self.proxy.access_log.reopen();
     }
 
+    /// Whether a drain has started (the process is shutting down).
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     pub fn drain_timeout(&self) -> Duration {
         self.publisher.load().config.drain_timeout.0 .0
     }
@@ -137,6 +146,7 @@ impl Gateway {
     /// requests and upgraded streams finish up to `timeout`, then return. Returns whether
     /// everything finished inside the window.
     pub async fn drain(&self, timeout: Duration) -> bool {
+        self.draining.store(true, Ordering::Relaxed);
         let stopping = self.listeners.lock().stop_all();
         let deadline = tokio::time::Instant::now() + timeout;
         // Accept loops exit at their next poll; until then a connection can still be

@@ -5,6 +5,7 @@
 //! (pools, connections). `telemetry` reports, `ops` handles signals, `gateway` ties them.
 
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod gateway;
 pub mod http;

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use gatehouse::config::{
     self, Config, EndpointConfig, ListenerConfig, PoolConfig, RouteConfig, UpstreamProtocol,
 };
-use gatehouse::gateway::Gateway;
+use gatehouse::control::Control;
 
 #[derive(Parser)]
 #[command(name = "gatehouse", version, about = "A traffic gateway")]
@@ -177,9 +177,13 @@ fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<
         .build()
         .context("cannot start the runtime")?;
     runtime.block_on(async {
-        let gateway = Gateway::start(config, path).await?;
+        let control = Control::start(config, path).await?;
+        gatehouse::control::admin::start(control.clone()).await?;
         tracing::info!(workers, "runtime started");
-        let clean = gatehouse::ops::run_until_stopped(&gateway).await?;
+        let clean = gatehouse::ops::run_until_stopped_with(control.gateway(), &|| {
+            gatehouse::control::reload_and_log(&control)
+        })
+        .await?;
         Ok(clean)
     })
 }

@@ -118,6 +118,8 @@ const SECTIONS: &[&str] = &[
     "listeners",
     "pools",
     "routes",
+    "store",
+    "admin",
 ];
 
 /// Sort key for an error path: its section's place in `SECTIONS`, then its list index.
@@ -470,9 +472,11 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             "routes" => {
                 (config.routes, indexes.routes) = list(value, &key, errors, &mut indexes.unparsed)
             }
+            "store" => config.store = section(value, &key, errors).unwrap_or_default(),
+            "admin" => config.admin = section(value, &key, errors).unwrap_or_default(),
             _ => errors.push(ConfigError {
                 path: key.clone(),
-                message: "unknown field; expected one of workers, drain_timeout, log, access_log, http, demo, listeners, pools, routes".into(),
+                message: "unknown field; expected one of workers, drain_timeout, log, access_log, http, demo, listeners, pools, routes, store, admin".into(),
             }),
         }
     }

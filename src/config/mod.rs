@@ -32,6 +32,11 @@ pub struct Config {
     pub listeners: Vec<ListenerConfig>,
     pub pools: Vec<PoolConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Where config versions and the audit log are kept, and whether the file or the store
+    /// wins at start (SPEC CTRL-3). A bootstrap setting: read from the file only.
+    pub store: StoreConfig,
+    /// The admin API listener (SPEC CTRL-4); none when absent. A bootstrap setting.
+    pub admin: Option<AdminConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -422,4 +427,67 @@ impl Default for RouteTimeouts {
             request: Dur::secs(0),
         }
     }
+}
+
+/// The embedded config store (SPEC CTRL-3).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite file, created on first start; relative paths are relative to the config
+    /// file's directory.
+    pub path: String,
+    pub mode: StoreMode,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            path: "gatehouse.db".into(),
+            mode: StoreMode::File,
+        }
+    }
+}
+
+/// Which source of configuration wins at start and what SIGHUP does.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreMode {
+    /// The file is the source of truth: at start and on SIGHUP it is applied (and stored
+    /// as a new version when it differs from the newest one).
+    #[default]
+    File,
+    /// The store is the source of truth: at start the newest stored version runs (the file
+    /// only seeds an empty store), and SIGHUP is refused.
+    Store,
+}
+
+/// The admin API (SPEC CTRL-4, CTRL-5).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// `ip:port` of the admin listener, separate from every data-plane listener.
+    pub bind: String,
+    /// Bearer tokens, stored as SHA-256 hashes. Required unless `bind` is a loopback
+    /// address; with none, every request on the admin listener is allowed.
+    #[serde(default)]
+    pub tokens: Vec<AdminToken>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminToken {
+    /// Recorded as the actor in the audit log.
+    pub name: String,
+    /// Lower-case hex SHA-256 of the token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+    pub scope: AdminScope,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminScope {
+    /// GET endpoints only.
+    Read,
+    /// Everything, including changes.
+    Admin,
 }

@@ -53,6 +53,7 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
         check_socket_addr(&demo.bind, "demo.bind", &mut errors);
     }
     validate_listeners(config, indexes, &mut errors);
+    validate_control(config, &mut errors);
     let pool_names = validate_pools(config, indexes, &mut errors);
     let mut route_names = HashSet::new();
     for (route, &index) in config.routes.iter().zip(&indexes.routes) {
@@ -375,6 +376,69 @@ fn check_regex(pattern: &str, path: &str, errors: &mut Errors) {
         let last_line = report.lines().last().unwrap_or("invalid").trim();
         let reason = last_line.strip_prefix("error: ").unwrap_or(last_line);
         errors.push(path, format!("invalid regex {pattern:?}: {reason}"));
+    }
+}
+
+/// The store and admin sections (SPEC CTRL-3, CTRL-4, CTRL-5).
+fn validate_control(config: &Config, errors: &mut Errors) {
+    if config.store.path.trim().is_empty() {
+        errors.push("store.path", "must be a file path");
+    }
+    let Some(admin) = &config.admin else {
+        return;
+    };
+    if let Some(path) = admin.bind.strip_prefix("unix:") {
+        // A 0600 socket is reachable by the gateway's own user only, like loopback.
+        if !std::path::Path::new(path).is_absolute() {
+            errors.push(
+                "admin.bind",
+                format!(
+                    "{path:?} must be an absolute path, such as unix:/run/gatehouse/admin.sock"
+                ),
+            );
+        }
+    } else if let Some(addr) = check_socket_addr(&admin.bind, "admin.bind", errors) {
+        if admin.tokens.is_empty() && !addr.ip().is_loopback() {
+            errors.push(
+                "admin.tokens",
+                "at least one token is required when admin.bind is not a loopback address",
+            );
+        }
+        if addr.port() != 0 {
+            for (index, listener) in config.listeners.iter().enumerate() {
+                if listener.bind.parse::<SocketAddr>() == Ok(addr) {
+                    errors.push(
+                        "admin.bind",
+                        format!(
+                            "{addr} is also listeners[{index}].bind; the admin API needs its own listener"
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    let mut names = HashSet::new();
+    for (index, token) in admin.tokens.iter().enumerate() {
+        let path = format!("admin.tokens[{index}]");
+        if token.name.trim().is_empty() {
+            errors.push(format!("{path}.name"), "must not be empty");
+        } else if !names.insert(token.name.as_str()) {
+            errors.push(
+                format!("{path}.name"),
+                format!("duplicate token name {:?}", token.name),
+            );
+        }
+        let is_hex = token.sha256.len() == 64
+            && token
+                .sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !is_hex {
+            errors.push(
+                format!("{path}.sha256"),
+                "must be 64 lower-case hex digits: the SHA-256 of the token, not the token itself",
+            );
+        }
     }
 }
 

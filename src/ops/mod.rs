@@ -7,6 +7,15 @@ use crate::gateway::{Gateway, GatewayError};
 
 /// Serves until SIGTERM or SIGINT, then drains. Returns whether the drain finished in time.
 pub async fn run_until_stopped(gateway: &Gateway) -> std::io::Result<bool> {
+    run_until_stopped_with(gateway, &|| reload(gateway)).await
+}
+
+/// Like `run_until_stopped`, with SIGHUP handled by `on_hangup` (the control plane's
+/// reload, which records the change in the store).
+pub async fn run_until_stopped_with(
+    gateway: &Gateway,
+    on_hangup: &dyn Fn(),
+) -> std::io::Result<bool> {
     let mut hangup = signal(SignalKind::hangup())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -14,7 +23,7 @@ pub async fn run_until_stopped(gateway: &Gateway) -> std::io::Result<bool> {
     tracing::info!(version = gateway.version(), "gatehouse ready");
     loop {
         tokio::select! {
-            _ = hangup.recv() => reload(gateway),
+            _ = hangup.recv() => on_hangup(),
             _ = user1.recv() => {
                 tracing::info!("reopening the access log");
                 gateway.reopen_access_log();

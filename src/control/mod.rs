@@ -1,0 +1,449 @@
+//! The control plane (SPEC CTRL-3, CTRL-4, CTRL-5, OPS-4): the embedded SQLite store of
+//! config versions and the audit log (`store`), the REST admin API on its own listener
+//! (`admin`), bearer-token auth (`auth`) and readable config diffs (`diff`).
+//!
+//! Every change — an admin apply or rollback, a SIGHUP reload, the file at start — goes
+//! through `Control`, which serializes them and writes the store before memory: the new
+//! version and its audit record are inserted in a transaction, the gateway swaps to the
+//! new config, and only then does the transaction commit. A crash before the commit leaves
+//! the store on the previous version, which is what the next start runs; a failed swap
+//! rolls the transaction back. Nothing here is on the request path.
+//!
+//! `store` and `admin` are bootstrap settings: they always come from the file the process
+//! started with. A config submitted through the API may repeat them unchanged (so a
+//! `GET /config` body can be sent back) but cannot change them.
+
+pub mod admin;
+pub mod auth;
+pub mod diff;
+pub mod store;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::{self, Config, ConfigError, ConfigErrors, Format, StoreMode};
+use crate::gateway::{Gateway, GatewayError};
+pub use store::{AuditRecord, Store, StoreError, VersionInfo};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayError),
+    #[error("stored version {version} is no longer a valid config: {errors}")]
+    StoredInvalid { version: i64, errors: ConfigErrors },
+    /// The submitted config fails validation; every error has its field path.
+    #[error("{0}")]
+    Invalid(ConfigErrors),
+    /// The gateway could not run the config (compile or bind failure); nothing changed.
+    #[error("{0}")]
+    Rejected(GatewayError),
+    #[error("version {expected} is not the current version ({current})")]
+    Stale { expected: i64, current: i64 },
+    #[error("no config version {0}")]
+    UnknownVersion(i64),
+    #[error("store mode: the store is the source of truth, so SIGHUP does not re-read the file; change the config through the admin API")]
+    ReloadInStoreMode,
+    #[error("started without a config file; nothing to reload")]
+    NoConfigFile,
+    #[error("cannot serialize the config: {0}")]
+    Serialize(#[from] serde_json::Error),
+}
+
+/// The version running now.
+pub struct Current {
+    pub info: VersionInfo,
+    pub config: Arc<Config>,
+}
+
+/// Who makes a change and why; recorded in the audit log.
+pub struct Change<'a> {
+    pub actor: &'a str,
+    pub action: &'a str,
+    pub message: &'a str,
+    /// Optimistic concurrency: the change applies only if this is still the current version.
+    pub if_match: Option<i64>,
+}
+
+/// The result of a change.
+#[derive(Clone, Debug, Serialize)]
+pub struct Outcome {
+    #[serde(flatten)]
+    pub info: VersionInfo,
+    /// False when the config was identical to the running one: nothing was written.
+    pub changed: bool,
+}
+
+pub struct Control {
+    gateway: Arc<Gateway>,
+    /// Also the apply lock: every change holds it from the stale check to the commit, so
+    /// two changes never interleave.
+    store: Mutex<Store>,
+    current: Mutex<Arc<Current>>,
+    /// `store` and `admin` from the file the process started with.
+    bootstrap: Bootstrap,
+    config_path: Option<PathBuf>,
+    started: Instant,
+}
+
+#[derive(Clone)]
+struct Bootstrap {
+    store: config::StoreConfig,
+    admin: Option<config::AdminConfig>,
+}
+
+impl Bootstrap {
+    fn of(config: &Config) -> Bootstrap {
+        Bootstrap {
+            store: config.store.clone(),
+            admin: config.admin.clone(),
+        }
+    }
+
+    fn pin(&self, config: &mut Config) {
+        config.store = self.store.clone();
+        config.admin = self.admin.clone();
+    }
+
+    fn matches(&self, config: &Config) -> bool {
+        config.store == self.store && config.admin == self.admin
+    }
+}
+
+/// Where the store lives: `store.path`, relative to the config file's directory. With no
+/// config file (`gatehouse proxy`), an in-memory store.
+pub fn store_path(config: &Config, config_path: Option<&Path>) -> Option<PathBuf> {
+    let config_path = config_path?;
+    let path = Path::new(&config.store.path);
+    Some(if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        config_path
+            .parent()
+            .unwrap_or_else(|| Path::new("."))
+            .join(path)
+    })
+}
+
+/// Lower-case hex SHA-256.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut hex = String::with_capacity(64);
+    for byte in digest.iter() {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex
+}
+
+/// The canonical stored form of a config and its content hash.
+fn canonical(config: &Config) -> Result<(String, String), ControlError> {
+    let json = serde_json::to_string(config)?;
+    let hash = sha256_hex(json.as_bytes());
+    Ok((json, hash))
+}
+
+fn parse_stored(version: i64, json: &str) -> Result<Config, ControlError> {
+    config::parse_str(json, Format::Json, std::iter::empty())
+        .map_err(|errors| ControlError::StoredInvalid { version, errors })
+}
+
+impl Control {
+    /// Opens the store, decides which config runs (see `StoreMode`), starts the gateway on
+    /// it and records it. `file_config` is the file as loaded at start.
+    pub async fn start(
+        file_config: Config,
+        config_path: Option<PathBuf>,
+    ) -> Result<Arc<Control>, ControlError> {
+        let bootstrap = Bootstrap::of(&file_config);
+        let path = store_path(&file_config, config_path.as_deref());
+        let mut store = Store::open(path.as_deref())?;
+        tracing::info!(store = %store.path(), mode = ?bootstrap.store.mode, "config store opened");
+        let head = store.head()?;
+        let (file_json, file_hash) = canonical(&file_config)?;
+        // The config to run, and the stored version it already is (if any).
+        let (config, json, hash, existing, action, message) = match (bootstrap.store.mode, head) {
+            (StoreMode::Store, Some((info, stored))) => {
+                let mut config = parse_stored(info.version, &stored)?;
+                bootstrap.pin(&mut config);
+                let (json, hash) = canonical(&config)?;
+                if hash == info.hash {
+                    tracing::info!(
+                        version = info.version,
+                        "store mode: running the newest stored version"
+                    );
+                    (config, json, hash, Some(info), "", "")
+                } else {
+                    (config, json, hash, None, "start", "store mode: newest stored version with the file's store and admin settings")
+                }
+            }
+            (StoreMode::File, Some((info, _))) if info.hash == file_hash => {
+                (file_config, file_json, file_hash, Some(info), "", "")
+            }
+            (StoreMode::File, Some((info, _))) => {
+                if info.author != "file" {
+                    tracing::warn!(
+                        version = info.version,
+                        author = %info.author,
+                        "file mode: the config file replaces the newest stored version, which was changed through the admin API"
+                    );
+                }
+                (
+                    file_config,
+                    file_json,
+                    file_hash,
+                    None,
+                    "start",
+                    "file mode: the config file differs from the newest stored version",
+                )
+            }
+            (_, None) => (
+                file_config,
+                file_json,
+                file_hash,
+                None,
+                "seed",
+                "first start: seeded from the config file",
+            ),
+        };
+        let gateway = Arc::new(Gateway::start(config.clone(), config_path.clone()).await?);
+        let info = match existing {
+            Some(info) => info,
+            None => {
+                let tx = store.begin()?;
+                let info = store::insert_version(
+                    &tx,
+                    &store::NewVersion {
+                        hash: &hash,
+                        config_json: &json,
+                        actor: "file",
+                        action,
+                        message,
+                        before: None,
+                    },
+                )?;
+                tx.commit().map_err(StoreError::from)?;
+                info
+            }
+        };
+        tracing::info!(version = info.version, hash = %info.hash, "config version running");
+        Ok(Arc::new(Control {
+            gateway,
+            store: Mutex::new(store),
+            current: Mutex::new(Arc::new(Current {
+                info,
+                config: Arc::new(config),
+            })),
+            bootstrap,
+            config_path,
+            started: Instant::now(),
+        }))
+    }
+
+    pub fn gateway(&self) -> &Arc<Gateway> {
+        &self.gateway
+    }
+
+    pub fn current(&self) -> Arc<Current> {
+        self.current.lock().clone()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    pub fn admin_config(&self) -> Option<&config::AdminConfig> {
+        self.bootstrap.admin.as_ref()
+    }
+
+    pub fn mode(&self) -> StoreMode {
+        self.bootstrap.store.mode
+    }
+
+    /// Parses and validates a config submitted through the API. Environment overrides do
+    /// not apply (they are for the file); `store` and `admin` may be repeated unchanged.
+    pub fn parse_submitted(&self, text: &str, format: Format) -> Result<Config, ControlError> {
+        let mut config =
+            config::parse_str(text, format, std::iter::empty()).map_err(ControlError::Invalid)?;
+        let raw: Option<serde_json::Value> = match format {
+            Format::Json => serde_json::from_str(text).ok(),
+            Format::Toml => toml::from_str(text).ok(),
+        };
+        let present = |key: &str| raw.as_ref().is_some_and(|raw| raw.get(key).is_some());
+        let mut errors = Vec::new();
+        if present("store") && config.store != self.bootstrap.store {
+            errors.push(ConfigError {
+                path: "store".into(),
+                message: "a bootstrap setting: change it in the config file and restart".into(),
+            });
+        }
+        if present("admin") && config.admin != self.bootstrap.admin {
+            errors.push(ConfigError {
+                path: "admin".into(),
+                message: "a bootstrap setting: change it in the config file and restart".into(),
+            });
+        }
+        if !errors.is_empty() {
+            return Err(ControlError::Invalid(ConfigErrors(errors)));
+        }
+        self.bootstrap.pin(&mut config);
+        Ok(config)
+    }
+
+    /// Compiles `config` without running it: the checks an apply makes short of binding
+    /// sockets.
+    pub fn check(&self, config: &Config) -> Result<(), ControlError> {
+        let registry = crate::upstream::UpstreamRegistry::default();
+        crate::snapshot::compile(config.clone(), 0, &registry)
+            .map(drop)
+            .map_err(|err| ControlError::Rejected(GatewayError::Compile(err)))
+    }
+
+    /// Applies a config as a new version (see the module comment for the order of writes).
+    pub fn apply(&self, config: Config, change: &Change<'_>) -> Result<Outcome, ControlError> {
+        let mut store = self.store.lock();
+        self.apply_locked(&mut store, config, change)
+    }
+
+    /// Applies the config of a stored version as a new version.
+    pub fn rollback(&self, version: i64, change: &Change<'_>) -> Result<Outcome, ControlError> {
+        let mut store = self.store.lock();
+        let (_, json) = store
+            .get(version)?
+            .ok_or(ControlError::UnknownVersion(version))?;
+        let mut config = parse_stored(version, &json)?;
+        // An old version may carry other bootstrap settings; they cannot change at run time.
+        self.bootstrap.pin(&mut config);
+        self.apply_locked(&mut store, config, change)
+    }
+
+    /// SIGHUP: in file mode, re-read the file and apply it; in store mode, refuse.
+    pub fn reload(&self) -> Result<Outcome, ControlError> {
+        if self.mode() == StoreMode::Store {
+            return Err(ControlError::ReloadInStoreMode);
+        }
+        let path = self
+            .config_path
+            .as_ref()
+            .ok_or(ControlError::NoConfigFile)?;
+        let mut config = config::load_file(path).map_err(ControlError::Invalid)?;
+        if !self.bootstrap.matches(&config) {
+            tracing::warn!("store and admin changes take effect at the next restart");
+            self.bootstrap.pin(&mut config);
+        }
+        self.apply(
+            config,
+            &Change {
+                actor: "file",
+                action: "reload",
+                message: "SIGHUP: config file re-read",
+                if_match: None,
+            },
+        )
+    }
+
+    fn apply_locked(
+        &self,
+        store: &mut Store,
+        config: Config,
+        change: &Change<'_>,
+    ) -> Result<Outcome, ControlError> {
+        let before = self.current();
+        if let Some(expected) = change.if_match {
+            if expected != before.info.version {
+                return Err(ControlError::Stale {
+                    expected,
+                    current: before.info.version,
+                });
+            }
+        }
+        let (json, hash) = canonical(&config)?;
+        if hash == before.info.hash {
+            return Ok(Outcome {
+                info: before.info.clone(),
+                changed: false,
+            });
+        }
+        let tx = store.begin()?;
+        let info = store::insert_version(
+            &tx,
+            &store::NewVersion {
+                hash: &hash,
+                config_json: &json,
+                actor: change.actor,
+                action: change.action,
+                message: change.message,
+                before: Some((before.info.version, &before.info.hash)),
+            },
+        )?;
+        // On error the transaction is dropped, which rolls it back: nothing changed.
+        self.gateway
+            .apply(config.clone())
+            .map_err(ControlError::Rejected)?;
+        if let Err(err) = tx.commit() {
+            // Memory is ahead of the store; put back the version the store still has, so
+            // the running config is always the last committed one.
+            if let Err(restore) = self.gateway.apply((*before.config).clone()) {
+                tracing::error!(error = %restore, "cannot restore the previous config after a failed store commit");
+            }
+            return Err(StoreError::from(err).into());
+        }
+        tracing::info!(
+            version = info.version,
+            actor = %change.actor,
+            action = %change.action,
+            "config version committed"
+        );
+        *self.current.lock() = Arc::new(Current {
+            info: info.clone(),
+            config: Arc::new(config),
+        });
+        Ok(Outcome {
+            info,
+            changed: true,
+        })
+    }
+
+    pub fn versions(&self, limit: u32) -> Result<Vec<VersionInfo>, ControlError> {
+        Ok(self.store.lock().versions(limit)?)
+    }
+
+    pub fn audit(&self, limit: u32) -> Result<Vec<AuditRecord>, ControlError> {
+        Ok(self.store.lock().audit(limit)?)
+    }
+
+    /// A stored version with its config.
+    pub fn version(&self, version: i64) -> Result<(VersionInfo, Config), ControlError> {
+        let (info, json) = self
+            .store
+            .lock()
+            .get(version)?
+            .ok_or(ControlError::UnknownVersion(version))?;
+        let config = parse_stored(version, &json)?;
+        Ok((info, config))
+    }
+}
+
+/// SIGHUP handler for `ops`: reload through the control plane and log the outcome.
+pub fn reload_and_log(control: &Control) {
+    match control.reload() {
+        Ok(outcome) => tracing::info!(
+            version = outcome.info.version,
+            changed = outcome.changed,
+            "reload succeeded"
+        ),
+        Err(ControlError::Invalid(errors)) => {
+            for error in &errors.0 {
+                tracing::error!(error = %error, "reload rejected; keeping the running configuration");
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "reload rejected; keeping the running configuration")
+        }
+    }
+}
