@@ -15,8 +15,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion};
 use gatehouse::config::{self, Config, Format};
 use gatehouse::route::{RequestFacts, Router};
-use gatehouse::snapshot::{compile, Publisher};
-use gatehouse::upstream::UpstreamRegistry;
+use gatehouse::snapshot::{compile, Publisher, Registries};
 use http::{HeaderMap, HeaderValue, Method};
 
 const SIZES: [usize; 2] = [10, 10_000];
@@ -111,10 +110,10 @@ fn bench_compile_and_swap(c: &mut Criterion) {
         );
         // Compile only, into a fresh registry (no swap).
         group.bench_with_input(BenchmarkId::new("compile", routes), &config, |b, config| {
-            let registry = UpstreamRegistry::default();
+            let registries = Registries::default();
             b.iter_batched(
                 || config.clone(),
-                |config| compile(config, 1, &registry).expect("compiles"),
+                |config| compile(config, 1, &registries).expect("compiles"),
                 BatchSize::LargeInput,
             )
         });

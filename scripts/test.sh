@@ -4,6 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# External tools the tests drive for real: fail2ban-regex checks the firewall's log line.
+missing=()
+command -v fail2ban-regex >/dev/null 2>&1 || missing+=(fail2ban)
+if [ "${#missing[@]}" -gt 0 ]; then
+  if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
+  "${sudo[@]}" apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
 if command -v cargo-nextest >/dev/null 2>&1; then
   runner=(cargo nextest run --locked --no-fail-fast)
 else

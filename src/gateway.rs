@@ -75,6 +75,7 @@ impl Gateway {
         let mut listeners = Listeners::new(proxy.clone());
         let pending = listeners.prepare(&listener_configs)?;
         listeners.activate(pending, &listener_configs);
+        spawn_file_watch(Arc::downgrade(&publisher));
         Ok(Gateway {
             publisher,
             proxy,
@@ -125,6 +126,36 @@ impl Gateway {
         self.listeners.lock().stats(name)
     }
 
+    /// Changes a listener's `max_connections` now (SPEC CONN-3); false for an unknown
+    /// listener. The next config applied sets the limit it names.
+    pub fn set_max_connections(&self, listener: &str, limit: usize) -> bool {
+        self.listeners.lock().set_max_connections(listener, limit)
+    }
+
+    /// Re-reads the certificate and GeoIP files the running config names, as SIGHUP does
+    /// even when the config itself is unchanged. On error the current ones stay.
+    pub fn reload_files(&self) -> Result<(), GatewayError> {
+        let registries = &self.publisher.registries;
+        registries.certs.reload(true).map_err(|source| {
+            GatewayError::Compile(CompileError::Tls {
+                path: "tls.certificates".into(),
+                source: Box::new(source),
+            })
+        })?;
+        registries.firewall.geoip().reload_all();
+        Ok(())
+    }
+
+    /// The certificates new handshakes are served from.
+    pub fn certificates(&self) -> Arc<crate::tls::CertTable> {
+        self.publisher.registries.certs.current()
+    }
+
+    /// Firewall block counters since start.
+    pub fn firewall_stats(&self) -> Arc<crate::firewall::FirewallStats> {
+        self.publisher.registries.firewall.stats.clone()
+    }
+
     pub fn demo_addr(&self) -> Option<SocketAddr> {
         self.demo_addr
     }
@@ -167,4 +198,45 @@ impl Gateway {
             .is_ok();
         sockets_closed && connections_done && tunnels_done
     }
+}
+
+/// Polls certificate, key and GeoIP files every `watch_interval` (re-read each round, so a
+/// reload can change it) and loads what changed; a file that fails to load leaves the
+/// previous contents serving. Ends with the gateway.
+fn spawn_file_watch(publisher: std::sync::Weak<Publisher>) {
+    tokio::spawn(async move {
+        loop {
+            let every = match publisher.upgrade() {
+                Some(publisher) => publisher.load().config.watch_interval.0 .0,
+                None => return,
+            };
+            // Off: look again soon in case a reload turns it on.
+            tokio::time::sleep(if every.is_zero() {
+                Duration::from_secs(1)
+            } else {
+                every
+            })
+            .await;
+            if every.is_zero() {
+                continue;
+            }
+            let Some(publisher) = publisher.upgrade() else {
+                return;
+            };
+            // File reads and parsing: keep them off the runtime's worker threads.
+            let _ = tokio::task::spawn_blocking(move || {
+                let registries = &publisher.registries;
+                match registries.certs.reload(false) {
+                    Ok(true) => tracing::info!("certificate files changed; reloaded"),
+                    Ok(false) => {}
+                    Err(err) => tracing::warn!(
+                        error = %err,
+                        "certificate files changed but cannot be loaded; keeping the current ones"
+                    ),
+                }
+                registries.firewall.geoip().reload_all();
+            })
+            .await;
+        }
+    });
 }

@@ -7,11 +7,14 @@
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod firewall;
 pub mod gateway;
 pub mod http;
+pub mod l4;
 pub mod listener;
 pub mod ops;
 pub mod route;
 pub mod snapshot;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;

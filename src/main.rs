@@ -5,9 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use gatehouse::config::{
-    self, Config, EndpointConfig, ListenerConfig, PoolConfig, RouteConfig, UpstreamProtocol,
-};
+use gatehouse::config::{self, Config};
 use gatehouse::control::Control;
 
 #[derive(Parser)]
@@ -34,18 +32,36 @@ enum Command {
     },
     /// Reverse-proxy one address to one or more backends, with no config file.
     Proxy {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        listen: String,
-        /// Backend `host:port`; repeat for a round-robin pool.
-        #[arg(long = "to", required = true)]
-        to: Vec<String>,
-        /// Speak HTTP/2 with prior knowledge (h2c) to the backends, e.g. for gRPC.
-        #[arg(long)]
-        h2c: bool,
+        #[command(flatten)]
+        args: ProxyArgs,
         #[command(flatten)]
         runtime: RuntimeArgs,
     },
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: String,
+    /// Backend `host:port` for HTTP; repeat for a round-robin pool.
+    #[arg(long = "to", required_unless_present = "passthrough")]
+    to: Vec<String>,
+    /// Speak HTTP/2 with prior knowledge (h2c) to the backends, e.g. for gRPC.
+    #[arg(long)]
+    h2c: bool,
+    /// Terminate TLS with this certificate chain (PEM); HTTP/2 and HTTP/1.1 by ALPN.
+    #[arg(long, requires = "tls_key", conflicts_with = "passthrough")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) for `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Relay TLS untouched to this `host:port` (L4 passthrough by SNI); repeat for a pool.
+    #[arg(long, conflicts_with = "to")]
+    passthrough: Vec<String>,
+    /// With `--passthrough`: relay only this server name (others are reset).
+    #[arg(long, requires = "passthrough")]
+    sni: Option<String>,
 }
 
 #[derive(Args)]
@@ -70,12 +86,7 @@ fn main() -> ExitCode {
             };
             serve(loaded, Some(config), runtime.workers)
         }
-        Command::Proxy {
-            listen,
-            to,
-            h2c,
-            runtime,
-        } => match one_line_config(listen, to, h2c) {
+        Command::Proxy { args, runtime } => match one_line_config(args) {
             Ok(config) => serve(config, None, runtime.workers),
             Err(errors) => {
                 eprintln!("{errors}");
@@ -88,8 +99,8 @@ fn main() -> ExitCode {
 fn validate(file: &Path) -> ExitCode {
     match config::load_file(file) {
         Ok(config) => {
-            let registry = gatehouse::upstream::UpstreamRegistry::default();
-            match gatehouse::snapshot::compile(config, 0, &registry) {
+            let registries = gatehouse::snapshot::Registries::default();
+            match gatehouse::snapshot::compile(config, 0, &registries) {
                 Ok(_) => {
                     println!("{}: configuration is valid", file.display());
                     ExitCode::SUCCESS
@@ -108,48 +119,44 @@ fn validate(file: &Path) -> ExitCode {
     }
 }
 
-/// The config `gatehouse proxy` runs: one listener, one pool, one catch-all route.
-fn one_line_config(
-    listen: String,
-    to: Vec<String>,
-    h2c: bool,
-) -> Result<Config, config::ConfigErrors> {
-    let config = Config {
-        listeners: vec![ListenerConfig {
-            name: "proxy".into(),
-            bind: listen,
-            protocol: Default::default(),
-            reuse_port: false,
-            max_connections: 0,
-            limits: Default::default(),
-        }],
-        pools: vec![PoolConfig {
-            name: "backend".into(),
-            protocol: if h2c {
-                UpstreamProtocol::H2c
-            } else {
-                UpstreamProtocol::Http1
-            },
-            endpoints: to.into_iter().map(EndpointConfig::Address).collect(),
-            ..toml::from_str("name = \"backend\"\nendpoints = []")
-                .map_err(|e| config_error(e.to_string()))?
-        }],
-        routes: vec![RouteConfig {
-            pool: Some("backend".into()),
-            ..toml::from_str("").map_err(|e| config_error(e.to_string()))?
-        }],
-        ..Config::default()
+/// The config `gatehouse proxy` runs: one listener, one pool, and a catch-all route or a
+/// passthrough rule. Built as JSON and parsed like a file, so flags get the same checks.
+fn one_line_config(args: ProxyArgs) -> Result<Config, config::ConfigErrors> {
+    let absolute = |path: &Path| -> String {
+        std::path::absolute(path)
+            .unwrap_or_else(|_| path.to_path_buf())
+            .to_string_lossy()
+            .into_owned()
     };
-    // Round-trip through the validator so flags get the same checks as a file.
-    let text = toml::to_string(&config).map_err(|e| config_error(e.to_string()))?;
-    config::parse_str(&text, config::Format::Toml, std::env::vars())
-}
-
-fn config_error(message: String) -> config::ConfigErrors {
-    config::ConfigErrors(vec![config::ConfigError {
-        path: String::new(),
-        message,
-    }])
+    let mut listener = serde_json::json!({ "name": "proxy", "bind": args.listen });
+    let mut config = serde_json::json!({});
+    if !args.passthrough.is_empty() {
+        let tls = match &args.sni {
+            Some(name) => serde_json::json!({
+                "passthrough": [{ "sni": [name], "pool": "backend" }],
+                "unknown_sni": "reset",
+            }),
+            None => serde_json::json!({ "unknown_sni": { "passthrough": "backend" } }),
+        };
+        listener["protocol"] = "tls".into();
+        listener["tls"] = tls;
+        config["pools"] = serde_json::json!([{ "name": "backend", "endpoints": args.passthrough }]);
+    } else {
+        let protocol = if args.h2c { "h2c" } else { "http1" };
+        config["pools"] = serde_json::json!([
+            { "name": "backend", "protocol": protocol, "endpoints": args.to }
+        ]);
+        config["routes"] = serde_json::json!([{ "pool": "backend" }]);
+        if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+            listener["protocol"] = "tls".into();
+            listener["tls"] = serde_json::json!({});
+            config["tls"] = serde_json::json!({
+                "certificates": [{ "cert": absolute(cert), "key": absolute(key), "default": true }]
+            });
+        }
+    }
+    config["listeners"] = serde_json::json!([listener]);
+    config::parse_str(&config.to_string(), config::Format::Json, std::env::vars())
 }
 
 fn serve(config: Config, path: Option<PathBuf>, workers: Option<usize>) -> ExitCode {

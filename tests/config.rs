@@ -68,7 +68,7 @@ const MANY_MISTAKES_ERRORS: &[&str] = &[
     r#"workers: invalid type: string "four", expected a non-negative integer"#,
     r#"listeners[1].name: duplicate listener name "public""#,
     r#"listeners[1].bind: invalid address "localhost:80"; expected ip:port such as 127.0.0.1:8080 or [::]:443"#,
-    "listeners[2].colour: unknown field `colour`, expected one of `name`, `bind`, `protocol`, `reuse_port`, `max_connections`, `limits`",
+    "listeners[2].colour: unknown field `colour`, expected one of `name`, `bind`, `protocol`, `reuse_port`, `max_connections`, `limits`, `firewall`, `proxy_protocol`, `tls`, `tcp`, `redirect_https`",
     r#"listeners[2].limits.max_request_header_bytes: invalid size "64 KiBs"; write it like "512", "64KiB" or "10MiB""#,
     r#"pools[0].connect_timeout: invalid duration "soon" (expected number at 0); write it like "30s", "250ms" or "1m 30s""#,
     r#"routes[1].max_request_body: invalid size "ten megs"; write it like "512", "64KiB" or "10MiB""#,
@@ -535,11 +535,11 @@ pool = "broken"
     assert_eq!(
         errors,
         [
-            "listeners[0].protocol: unknown variant `carrier-pigeon`, expected `http`",
+            "listeners[0].protocol: unknown variant `carrier-pigeon`, expected one of `http`, `tls`, `tcp`",
             r#"listeners[1].bind: invalid address "127.0.0.1"; expected ip:port such as 127.0.0.1:8080 or [::]:443"#,
             r#"pools[0].endpoints: invalid type: string "127.0.0.1:1", expected a list"#,
             "pools[1].endpoints: at least one endpoint is required",
-            "routes[0].colour: unknown field `colour`, expected one of `name`, `priority`, `match`, `pool`, `redirect`, `direct_response`, `strip_prefix`, `rewrite_prefix`, `rewrite_regex`, `host_rewrite`, `preserve_host`, `timeouts`, `max_request_body`",
+            "routes[0].colour: unknown field `colour`, expected one of `name`, `priority`, `match`, `pool`, `redirect`, `direct_response`, `strip_prefix`, `rewrite_prefix`, `rewrite_regex`, `host_rewrite`, `preserve_host`, `timeouts`, `max_request_body`, `require_client_cert`",
             r#"routes[1].timeouts.response_header: invalid duration "never" (expected number at 0); write it like "30s", "250ms" or "1m 30s""#,
             r#"routes[2].pool: unknown pool "missing""#,
         ]
@@ -645,7 +645,7 @@ direct_response = { body = "2", status = 99 }
     assert_eq!(
         errors,
         [
-            "colour: unknown field; expected one of workers, drain_timeout, log, access_log, http, demo, listeners, pools, routes, store, admin",
+            "colour: unknown field; expected one of workers, drain_timeout, log, access_log, http, tls, firewall, watch_interval, demo, listeners, pools, routes, store, admin",
             r#"listeners[1].bind: 127.0.0.1:8080 is already bound by listener "a""#,
             r#"pools[1].name: duplicate pool name "app""#,
             r#"routes[1].name: duplicate route name "r""#,
@@ -752,7 +752,7 @@ fn env_override_errors_name_the_variable() {
             r#"env GATEHOUSE_LISTENERS__X__BIND: "x" is not a list index"#,
             "env GATEHOUSE_ROUTES__0__POOL: index 0 is past the end of a list of 0",
             "env GATEHOUSE___WORKERS: empty path segment",
-            "nope: unknown field; expected one of workers, drain_timeout, log, access_log, http, demo, listeners, pools, routes, store, admin (set by environment variable GATEHOUSE_NOPE)",
+            "nope: unknown field; expected one of workers, drain_timeout, log, access_log, http, tls, firewall, watch_interval, demo, listeners, pools, routes, store, admin (set by environment variable GATEHOUSE_NOPE)",
             r#"workers: invalid type: string "many", expected a non-negative integer (set by environment variable GATEHOUSE_WORKERS)"#,
             "http.nope: unknown field `nope`, expected one of `x_forwarded_for`, `trusted_proxies`, `request_id_header`, `add_forwarded`, `add_via`, `hide_upstream_server` (set by environment variable GATEHOUSE_HTTP__NOPE__DEEPER)",
             "listeners[0].limits.max_request_header_bytes: must be at least 8192 bytes (set by environment variable GATEHOUSE_LISTENERS__0__LIMITS__MAX_REQUEST_HEADER_BYTES)",

@@ -77,7 +77,55 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read {}: {err}", path.display()),
         }])
     })?;
-    parse_str(&text, Format::from_path(path), std::env::vars())
+    let mut config = parse_str(&text, Format::from_path(path), std::env::vars())?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    resolve_paths(&mut config, base);
+    Ok(config)
+}
+
+/// Makes the file paths a config names (certificates, keys, CA bundles, GeoIP databases)
+/// absolute, relative to the config file's directory, as nginx resolves relative to its
+/// prefix: the running gateway must not depend on its working directory.
+fn resolve_paths(config: &mut super::Config, base: &Path) {
+    let fix = |value: &mut String| {
+        if !value.is_empty() && Path::new(value.as_str()).is_relative() {
+            *value = base.join(value.as_str()).to_string_lossy().into_owned();
+        }
+    };
+    let fix_path = |value: &mut std::path::PathBuf| {
+        if value.is_relative() {
+            *value = base.join(&*value);
+        }
+    };
+    for cert in &mut config.tls.certificates {
+        fix(&mut cert.cert);
+        fix(&mut cert.key);
+    }
+    if let Some(db) = config.firewall.geoip_db.as_mut() {
+        fix_path(db);
+    }
+    for listener in &mut config.listeners {
+        if let Some(auth) = listener
+            .tls
+            .as_mut()
+            .and_then(|tls| tls.client_auth.as_mut())
+        {
+            fix(&mut auth.ca);
+        }
+        if let Some(db) = listener.firewall.as_mut().and_then(|f| f.geoip_db.as_mut()) {
+            fix_path(db);
+        }
+    }
+    for pool in &mut config.pools {
+        if let Some(tls) = pool.tls.as_mut() {
+            for value in [&mut tls.ca, &mut tls.client_cert, &mut tls.client_key]
+                .into_iter()
+                .flatten()
+            {
+                fix(value);
+            }
+        }
+    }
 }
 
 /// Parses config text, applies overrides from `env` (pairs of name and value; only
@@ -114,6 +162,9 @@ const SECTIONS: &[&str] = &[
     "log",
     "access_log",
     "http",
+    "tls",
+    "firewall",
+    "watch_interval",
     "demo",
     "listeners",
     "pools",
@@ -461,6 +512,13 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             "log" => config.log = section(value, &key, errors).unwrap_or_default(),
             "access_log" => config.access_log = section(value, &key, errors).unwrap_or_default(),
             "http" => config.http = section(value, &key, errors).unwrap_or_default(),
+            "tls" => config.tls = section(value, &key, errors).unwrap_or_default(),
+            "firewall" => config.firewall = section(value, &key, errors).unwrap_or_default(),
+            "watch_interval" => {
+                if let Some(parsed) = section(value, &key, errors) {
+                    config.watch_interval = parsed;
+                }
+            }
             "demo" => config.demo = section(value, &key, errors).unwrap_or_default(),
             "listeners" => {
                 (config.listeners, indexes.listeners) =
@@ -476,7 +534,7 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             "admin" => config.admin = section(value, &key, errors).unwrap_or_default(),
             _ => errors.push(ConfigError {
                 path: key.clone(),
-                message: "unknown field; expected one of workers, drain_timeout, log, access_log, http, demo, listeners, pools, routes, store, admin".into(),
+                message: format!("unknown field; expected one of {}", SECTIONS.join(", ")),
             }),
         }
     }

@@ -5,14 +5,22 @@
 //! (`validate`). It never touches sockets or registries; `snapshot::compile` turns a
 //! validated `Config` into what the data plane runs.
 
+pub mod firewall;
 mod load;
+pub mod tls;
 pub mod units;
 mod validate;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use firewall::{FirewallConfig, FirewallMode, RateLimitConfig};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
+pub use tls::{
+    CertificateConfig, ClientAuthConfig, ClientAuthMode, ListenerTls, PassthroughRoute,
+    PlaintextAction, ProxyProtocolReceive, ProxyProtocolVersion, RedirectHttpsConfig,
+    TcpListenerConfig, TlsConfig, TlsVersion, UnknownSni, UpstreamTls,
+};
 pub use units::{Dur, Size};
 
 /// The whole configuration file.
@@ -26,6 +34,14 @@ pub struct Config {
     pub log: LogConfig,
     pub access_log: AccessLogConfig,
     pub http: HttpConfig,
+    /// Certificates for TLS listeners (SPEC TLS-2).
+    pub tls: TlsConfig,
+    /// Connection firewall for every listener (SPEC CONN-6); listeners add their own.
+    pub firewall: FirewallConfig,
+    /// How often certificate, key and GeoIP database files are checked for changes (by
+    /// modification time and size); a change is loaded without a restart. 0 turns the
+    /// watch off (SIGHUP and the admin API still reload).
+    pub watch_interval: WatchInterval,
     /// A built-in demo upstream started by the gateway itself, so an example config shows a
     /// real proxy hop with nothing else installed.
     pub demo: Option<DemoConfig>,
@@ -46,6 +62,16 @@ pub struct DrainTimeout(pub Dur);
 impl Default for DrainTimeout {
     fn default() -> Self {
         DrainTimeout(Dur::secs(30))
+    }
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(transparent)]
+pub struct WatchInterval(pub Dur);
+
+impl Default for WatchInterval {
+    fn default() -> Self {
+        WatchInterval(Dur::secs(5))
     }
 }
 
@@ -154,6 +180,21 @@ pub struct ListenerConfig {
     pub max_connections: u32,
     #[serde(default)]
     pub limits: ListenerLimits,
+    /// Checked after the global `firewall`, on the real client address.
+    #[serde(default)]
+    pub firewall: Option<FirewallConfig>,
+    /// Accept a PROXY protocol header from these peers (SPEC CONN-4).
+    #[serde(default)]
+    pub proxy_protocol: Option<ProxyProtocolReceive>,
+    /// Required when `protocol = "tls"`.
+    #[serde(default)]
+    pub tls: Option<ListenerTls>,
+    /// Required when `protocol = "tcp"`.
+    #[serde(default)]
+    pub tcp: Option<TcpListenerConfig>,
+    /// On an `http` listener: answer every request with a redirect to `https://`.
+    #[serde(default)]
+    pub redirect_https: Option<RedirectHttpsConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -162,6 +203,10 @@ pub enum ListenerProtocol {
     /// HTTP/1.x and HTTP/2 with prior knowledge (h2c) on the same port.
     #[default]
     Http,
+    /// TLS: SNI passthrough and termination on one port.
+    Tls,
+    /// Raw TCP relayed to a pool.
+    Tcp,
 }
 
 /// Per-listener limits against slow and abusive clients (SPEC HTTP-9, CONN-9).
@@ -221,6 +266,13 @@ pub struct PoolConfig {
     /// An idle pooled connection older than this is closed instead of reused.
     #[serde(default = "PoolConfig::default_idle_timeout")]
     pub idle_timeout: Dur,
+    /// Connect to endpoints over TLS (SPEC TLS-5); required for `protocol = "h2"`.
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
+    /// Send a PROXY protocol header first on every new upstream connection. Such
+    /// connections carry one client's address, so they are reused only for that client.
+    #[serde(default)]
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
 }
 
 impl PoolConfig {
@@ -243,6 +295,8 @@ pub enum UpstreamProtocol {
     Http1,
     /// HTTP/2 with prior knowledge over plain TCP; one multiplexed connection per endpoint.
     H2c,
+    /// HTTP/2 over TLS (needs `tls`); one multiplexed connection per endpoint.
+    H2,
 }
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
@@ -324,6 +378,10 @@ pub struct RouteConfig {
     /// Overrides the listener's `max_request_body`; 0 means unlimited.
     #[serde(default)]
     pub max_request_body: Option<Size>,
+    /// Refuse (403) requests on connections without a verified client certificate
+    /// (SPEC TLS-4; the listener's `tls.client_auth` verifies it).
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 impl RouteConfig {

@@ -5,7 +5,10 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 
 use super::load::{ConfigError, FileIndexes};
-use super::{Config, ListenerLimits, MatchConfig, RouteConfig, ValueMatchConfig};
+use super::{
+    Config, ListenerConfig, ListenerLimits, ListenerProtocol, MatchConfig, PlaintextAction,
+    RouteConfig, UnknownSni, UpstreamProtocol, ValueMatchConfig,
+};
 
 /// hyper refuses HTTP/1 read buffers smaller than this.
 const MIN_HEADER_BYTES: u64 = 8192;
@@ -52,9 +55,13 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
     if let Some(demo) = &config.demo {
         check_socket_addr(&demo.bind, "demo.bind", &mut errors);
     }
-    validate_listeners(config, indexes, &mut errors);
-    validate_control(config, &mut errors);
     let pool_names = validate_pools(config, indexes, &mut errors);
+    validate_listeners(config, indexes, &pool_names, &mut errors);
+    validate_tls(config, &mut errors);
+    for (path, message) in config.firewall.validate("firewall") {
+        errors.push(path, message);
+    }
+    validate_control(config, &mut errors);
     let mut route_names = HashSet::new();
     for (route, &index) in config.routes.iter().zip(&indexes.routes) {
         let path = format!("routes[{index}]");
@@ -72,7 +79,12 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
     }
 }
 
-fn validate_listeners(config: &Config, file: &FileIndexes, errors: &mut Errors) {
+fn validate_listeners(
+    config: &Config,
+    file: &FileIndexes,
+    pools: &HashSet<&str>,
+    errors: &mut Errors,
+) {
     let indexes = &file.listeners;
     // A listener that failed to parse has been reported already.
     if config.listeners.is_empty() && file.unparsed_in("listeners").next().is_none() {
@@ -100,6 +112,181 @@ fn validate_listeners(config: &Config, file: &FileIndexes, errors: &mut Errors) 
             }
         }
         validate_limits(&listener.limits, &format!("{path}.limits"), errors);
+        validate_pipeline(listener, &path, pools, errors);
+    }
+}
+
+/// The connection-pipeline settings of one listener: each protocol's own table, PROXY
+/// protocol, firewall, redirect.
+fn validate_pipeline(
+    listener: &ListenerConfig,
+    path: &str,
+    pools: &HashSet<&str>,
+    errors: &mut Errors,
+) {
+    let check_pool = |field: String, pool: &str, errors: &mut Errors| {
+        if !pools.contains(pool) {
+            errors.push(field, format!("unknown pool {pool:?}"));
+        }
+    };
+    match (listener.protocol, &listener.tls) {
+        (ListenerProtocol::Tls, None) => {
+            errors.push(format!("{path}.tls"), "required when protocol = \"tls\"");
+        }
+        (ListenerProtocol::Tls, Some(tls)) => {
+            for (index, route) in tls.passthrough.iter().enumerate() {
+                let route_path = format!("{path}.tls.passthrough[{index}]");
+                if route.sni.is_empty() {
+                    errors.push(format!("{route_path}.sni"), "at least one name is required");
+                }
+                for (name_index, name) in route.sni.iter().enumerate() {
+                    if let Err(message) = check_server_name(name) {
+                        errors.push(format!("{route_path}.sni[{name_index}]"), message);
+                    }
+                }
+                check_pool(format!("{route_path}.pool"), &route.pool, errors);
+                if route.idle_timeout.0.is_zero() {
+                    errors.push(
+                        format!("{route_path}.idle_timeout"),
+                        "must be greater than zero",
+                    );
+                }
+            }
+            if let UnknownSni::Passthrough(pool) = &tls.unknown_sni {
+                check_pool(format!("{path}.tls.unknown_sni.passthrough"), pool, errors);
+            }
+            for (field, value) in [
+                ("client_hello_timeout", tls.client_hello_timeout),
+                ("handshake_timeout", tls.handshake_timeout),
+            ] {
+                if value.0.is_zero() {
+                    errors.push(format!("{path}.tls.{field}"), "must be greater than zero");
+                }
+            }
+            for (index, proto) in tls.alpn.iter().enumerate() {
+                if proto.is_empty() || proto.len() > 255 {
+                    errors.push(
+                        format!("{path}.tls.alpn[{index}]"),
+                        "must be 1 to 255 bytes",
+                    );
+                }
+            }
+            if let Some(auth) = &tls.client_auth {
+                if auth.ca.trim().is_empty() {
+                    errors.push(format!("{path}.tls.client_auth.ca"), "must name a PEM file");
+                }
+                if http::HeaderName::from_bytes(auth.subject_header.as_bytes()).is_err() {
+                    errors.push(
+                        format!("{path}.tls.client_auth.subject_header"),
+                        format!("{:?} is not a valid header name", auth.subject_header),
+                    );
+                }
+            }
+        }
+        (_, Some(_)) => {
+            errors.push(format!("{path}.tls"), "only for protocol = \"tls\"");
+        }
+        _ => {}
+    }
+    match (listener.protocol, &listener.tcp) {
+        (ListenerProtocol::Tcp, None) => {
+            errors.push(format!("{path}.tcp"), "required when protocol = \"tcp\"");
+        }
+        (ListenerProtocol::Tcp, Some(tcp)) => {
+            check_pool(format!("{path}.tcp.pool"), &tcp.pool, errors);
+            if tcp.idle_timeout.0.is_zero() {
+                errors.push(
+                    format!("{path}.tcp.idle_timeout"),
+                    "must be greater than zero",
+                );
+            }
+        }
+        (_, Some(_)) => {
+            errors.push(format!("{path}.tcp"), "only for protocol = \"tcp\"");
+        }
+        _ => {}
+    }
+    if let Some(receive) = &listener.proxy_protocol {
+        if receive.trusted_cidrs.is_empty() {
+            errors.push(
+                format!("{path}.proxy_protocol.trusted_cidrs"),
+                "at least one network is required",
+            );
+        }
+        if receive.timeout.0.is_zero() {
+            errors.push(
+                format!("{path}.proxy_protocol.timeout"),
+                "must be greater than zero",
+            );
+        }
+    }
+    if let Some(firewall) = &listener.firewall {
+        for (field, message) in firewall.validate(&format!("{path}.firewall")) {
+            errors.push(field, message);
+        }
+    }
+    if let Some(redirect) = &listener.redirect_https {
+        if !matches!(redirect.status, 301 | 302 | 307 | 308) {
+            errors.push(
+                format!("{path}.redirect_https.status"),
+                "must be 301, 302, 307 or 308",
+            );
+        }
+        if listener.protocol != ListenerProtocol::Http
+            && listener
+                .tls
+                .as_ref()
+                .is_none_or(|tls| tls.plaintext != PlaintextAction::Redirect)
+        {
+            errors.push(
+                format!("{path}.redirect_https"),
+                "only for protocol = \"http\" or tls.plaintext = \"redirect\"",
+            );
+        }
+    }
+}
+
+/// A name for SNI matching: a DNS name, or `*.` followed by one.
+fn check_server_name(name: &str) -> Result<(), String> {
+    let bare = name.strip_prefix("*.").unwrap_or(name);
+    let valid = !bare.is_empty()
+        && bare.len() <= 253
+        && bare.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a server name (a DNS name or *.example.com)"
+        ))
+    }
+}
+
+fn validate_tls(config: &Config, errors: &mut Errors) {
+    let certificates = &config.tls.certificates;
+    for (index, cert) in certificates.iter().enumerate() {
+        let path = format!("tls.certificates[{index}]");
+        for (field, value) in [("cert", &cert.cert), ("key", &cert.key)] {
+            if value.trim().is_empty() {
+                errors.push(format!("{path}.{field}"), "must name a PEM file");
+            }
+        }
+        for (name_index, name) in cert.names.iter().enumerate() {
+            if let Err(message) = check_server_name(name) {
+                errors.push(format!("{path}.names[{name_index}]"), message);
+            }
+        }
+    }
+    if certificates.iter().filter(|cert| cert.default).count() > 1 {
+        errors.push(
+            "tls.certificates",
+            "at most one certificate can be the default",
+        );
     }
 }
 
@@ -185,6 +372,34 @@ fn validate_pools<'a>(
                 format!("{path}.connect_timeout"),
                 "must be greater than zero",
             );
+        }
+        if pool.protocol == UpstreamProtocol::H2 && pool.tls.is_none() {
+            errors.push(
+                format!("{path}.tls"),
+                "required when protocol = \"h2\" (use \"h2c\" for HTTP/2 without TLS)",
+            );
+        }
+        if let Some(tls) = &pool.tls {
+            if tls.client_cert.is_some() != tls.client_key.is_some() {
+                errors.push(
+                    format!("{path}.tls.client_key"),
+                    "client_cert and client_key go together",
+                );
+            }
+            if tls.insecure_skip_verify && tls.ca.is_some() {
+                errors.push(
+                    format!("{path}.tls.ca"),
+                    "has no effect with insecure_skip_verify = true",
+                );
+            }
+            if let Some(sni) = &tls.sni {
+                if rustls_pki_types::ServerName::try_from(sni.as_str()).is_err() {
+                    errors.push(
+                        format!("{path}.tls.sni"),
+                        format!("{sni:?} is not a server name"),
+                    );
+                }
+            }
         }
     }
     // A pool that failed to parse still counts as declared, so routes naming it do not

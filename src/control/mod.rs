@@ -298,8 +298,8 @@ impl Control {
     /// Compiles `config` without running it: the checks an apply makes short of binding
     /// sockets.
     pub fn check(&self, config: &Config) -> Result<(), ControlError> {
-        let registry = crate::upstream::UpstreamRegistry::default();
-        crate::snapshot::compile(config.clone(), 0, &registry)
+        let registries = crate::snapshot::Registries::default();
+        crate::snapshot::compile(config.clone(), 0, &registries)
             .map(drop)
             .map_err(|err| ControlError::Rejected(GatewayError::Compile(err)))
     }
@@ -336,7 +336,7 @@ impl Control {
             tracing::warn!("store and admin changes take effect at the next restart");
             self.bootstrap.pin(&mut config);
         }
-        self.apply(
+        let outcome = self.apply(
             config,
             &Change {
                 actor: "file",
@@ -344,7 +344,15 @@ impl Control {
                 message: "SIGHUP: config file re-read",
                 if_match: None,
             },
-        )
+        )?;
+        if !outcome.changed {
+            // Same config, but the files it names may have been replaced (renewed
+            // certificates, a new GeoIP database): SIGHUP reloads them, as nginx does.
+            self.gateway
+                .reload_files()
+                .map_err(ControlError::Rejected)?;
+        }
+        Ok(outcome)
     }
 
     fn apply_locked(

@@ -16,6 +16,8 @@ pub enum ProxyError {
     BadRequest(&'static str),
     #[error("request URI longer than {0} bytes")]
     UriTooLong(u64),
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
     #[error("request body: {0}")]
@@ -51,6 +53,7 @@ impl ProxyError {
             ProxyError::NoRoute => StatusCode::NOT_FOUND,
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ProxyError::Forbidden(_) => StatusCode::FORBIDDEN,
             ProxyError::Body(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Body(BodyError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Body(BodyError::Deadline) => StatusCode::GATEWAY_TIMEOUT,
@@ -71,6 +74,7 @@ impl ProxyError {
             ProxyError::NoRoute => "no_route",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::UriTooLong(_) => "uri_too_long",
+            ProxyError::Forbidden(_) => "forbidden",
             ProxyError::Body(BodyError::TooLarge { .. }) => "body_too_large",
             ProxyError::Body(BodyError::IdleTimeout(_)) => "request_body_timeout",
             ProxyError::Body(BodyError::Deadline) => "request_timeout",
@@ -80,6 +84,7 @@ impl ProxyError {
                 "upstream_connect_timeout"
             }
             ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream_handshake_failed",
+            ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream_tls_failed",
             ProxyError::Upstream(UpstreamError::Request(_)) => "upstream_bad_response",
             ProxyError::Upstream(UpstreamError::ResponseTimeout(_)) => "upstream_timeout",
             ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => "no_healthy_upstream",

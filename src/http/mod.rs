@@ -12,25 +12,48 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use http::HeaderName;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::ListenerConfig;
+use crate::config::{ListenerConfig, RedirectHttpsConfig};
 pub use proxy::{Connection, Proxy};
 
-/// Serves one accepted connection until it closes. When `drain` fires, the connection
-/// finishes its in-flight requests and closes (HTTP/2 sends GOAWAY).
-pub async fn serve_connection(
+/// What the connection pipeline learned before HTTP began.
+pub struct ConnInfo {
+    /// The client: the socket peer, or the address a trusted PROXY header carried.
+    pub client: SocketAddr,
+    /// The gateway address the client connected to.
+    pub local: SocketAddr,
+    /// Set on terminated TLS connections.
+    pub tls: Option<TlsInfo>,
+    /// Answer every request with a redirect to `https://` (SPEC TLS-6).
+    pub redirect_https: Option<RedirectHttpsConfig>,
+    /// The header that carries a verified client certificate's subject upstream; removed
+    /// from every client request on a listener that verifies client certificates.
+    pub client_cert_header: Option<HeaderName>,
+}
+
+pub struct TlsInfo {
+    pub sni: Option<Arc<str>>,
+    /// Subject of the client certificate rustls verified, if the client sent one.
+    pub client_subject: Option<Arc<str>>,
+}
+
+/// Serves one connection until it closes. When `drain` fires, the connection finishes
+/// its in-flight requests and closes (HTTP/2 sends GOAWAY).
+pub async fn serve_connection<S>(
     proxy: Arc<Proxy>,
-    stream: TcpStream,
-    peer: SocketAddr,
+    stream: S,
+    info: ConnInfo,
     listener: Arc<ListenerConfig>,
     drain: CancellationToken,
-) {
-    let _ = stream.set_nodelay(true);
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let limits = &listener.limits;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -56,13 +79,18 @@ pub async fn serve_connection(
         limits.max_request_header_bytes.0.max(8192) as usize,
         limits.max_request_headers,
     );
+    let peer = info.client;
     let conn = Arc::new(Connection {
         peer,
+        local: info.local,
         framing,
         listener_name: listener.name.as_str().into(),
         listener: listener.clone(),
-        scheme: "http",
+        scheme: if info.tls.is_some() { "https" } else { "http" },
         requests: AtomicU64::new(0),
+        client_subject: info.tls.and_then(|tls| tls.client_subject),
+        client_cert_header: info.client_cert_header,
+        redirect_https: info.redirect_https,
     });
     let service = service_fn(move |request| proxy.clone().handle(conn.clone(), request));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);

@@ -28,7 +28,7 @@ use crate::config::{ListenerConfig, UpstreamProtocol};
 use crate::route::{normalize_host, RequestFacts};
 use crate::snapshot::{Action, PathRewrite, Publisher, Route, Snapshot};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard};
-use crate::upstream::UpstreamError;
+use crate::upstream::{ClientAddrs, UpstreamError};
 
 /// State shared by every connection of every HTTP listener.
 pub struct Proxy {
@@ -40,13 +40,20 @@ pub struct Proxy {
 
 /// One downstream connection.
 pub struct Connection {
+    /// The client address (from a trusted PROXY header when one was received).
     pub peer: SocketAddr,
+    /// The gateway address the client connected to.
+    pub local: SocketAddr,
     pub listener: Arc<ListenerConfig>,
     pub listener_name: Arc<str>,
     pub scheme: &'static str,
     pub requests: AtomicU64,
     /// Framing facts hyper does not expose, by request position (HTTP/1 only).
     pub framing: Arc<super::framing::FramingReport>,
+    /// Verified client certificate subject (mTLS).
+    pub client_subject: Option<Arc<str>>,
+    pub client_cert_header: Option<http::HeaderName>,
+    pub redirect_https: Option<crate::config::RedirectHttpsConfig>,
 }
 
 /// What the pipeline learned before forwarding, shared by the log and error paths.
@@ -147,6 +154,9 @@ impl Proxy {
         }
         let snapshot = exchange.snapshot.clone();
         let host_raw = request_host(&request).map(str::to_owned);
+        if let Some(redirect) = &conn.redirect_https {
+            return https_redirect(redirect, host_raw.as_deref(), request.uri());
+        }
         let host = normalize_host(host_raw.as_deref().unwrap_or(""));
         let facts = RequestFacts {
             host: &host,
@@ -160,6 +170,11 @@ impl Proxy {
         let route = &snapshot.routes[index];
         if let Some(log) = exchange.log.as_mut() {
             log.record().route = Some(route.name.clone());
+        }
+        if route.require_client_cert && conn.client_subject.is_none() {
+            return Err(ProxyError::Forbidden(
+                "this route requires a client certificate",
+            ));
         }
         match &route.action {
             Action::Direct {
@@ -294,6 +309,16 @@ impl Proxy {
             &snapshot.http.request_id_header,
             exchange.request_id.clone(),
         );
+        if let Some(header) = &conn.client_cert_header {
+            parts.headers.remove(header);
+            if let Some(value) = conn
+                .client_subject
+                .as_deref()
+                .and_then(|subject| HeaderValue::from_str(subject).ok())
+            {
+                parts.headers.insert(header, value);
+            }
+        }
 
         let path_and_query = rewritten_path(&route.rewrite, &parts.uri);
         parts.uri = match pool.protocol {
@@ -303,13 +328,17 @@ impl Proxy {
                 Uri::try_from(path_and_query)
                     .map_err(|_| ProxyError::BadRequest("invalid request target"))?
             }
-            UpstreamProtocol::H2c => {
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
                 parts.version = Version::HTTP_2;
                 let authority = upstream_host
                     .to_str()
                     .map_err(|_| ProxyError::BadRequest("invalid host"))?;
                 Uri::builder()
-                    .scheme("http")
+                    .scheme(if pool.protocol == UpstreamProtocol::H2 {
+                        "https"
+                    } else {
+                        "http"
+                    })
                     .authority(authority)
                     .path_and_query(path_and_query)
                     .build()
@@ -321,7 +350,14 @@ impl Proxy {
         let upstream_request = Request::from_parts(parts, body);
         let sent_at = Instant::now();
         let response = response_head(
-            endpoint.connections.send(upstream_request, &pool.settings),
+            endpoint.connections.send(
+                upstream_request,
+                &pool.settings,
+                ClientAddrs {
+                    client: conn.peer,
+                    local: conn.local,
+                },
+            ),
             &progress,
             route.timeouts.response_header,
             deadline,
@@ -396,6 +432,39 @@ async fn response_head(
             }
         }
     }
+}
+
+/// The answer of a listener that only redirects to HTTPS: same host (its port replaced),
+/// path and query.
+fn https_redirect(
+    settings: &crate::config::RedirectHttpsConfig,
+    host: Option<&str>,
+    uri: &Uri,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let host = host.ok_or(ProxyError::BadRequest("no host to redirect to"))?;
+    // Drop the port (the client's, for plain HTTP); `[::1]:8080` keeps its brackets.
+    let name = match host.rsplit_once(':') {
+        Some((name, port))
+            if !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && (!name.contains(':') || name.ends_with(']')) =>
+        {
+            name
+        }
+        _ => host,
+    };
+    let authority = match settings.port {
+        Some(port) if port != 443 => format!("{name}:{port}"),
+        _ => name.to_string(),
+    };
+    let path = uri.path_and_query().map_or("/", |pq| pq.as_str());
+    let location = HeaderValue::from_str(&format!("https://{authority}{path}"))
+        .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+    let status = StatusCode::from_u16(settings.status).unwrap_or(StatusCode::PERMANENT_REDIRECT);
+    let mut response = Response::new(ResponseBody::empty());
+    *response.status_mut() = status;
+    response.headers_mut().insert(LOCATION, location);
+    Ok(response)
 }
 
 fn request_host<B>(request: &Request<B>) -> Option<&str> {

@@ -1,9 +1,14 @@
 //! Listening sockets and accept loops: binding (with `SO_REUSEPORT` when asked), the
-//! per-listener connection limit, and handing each accepted connection to the HTTP engine.
-//! Listener state (live connection counts) is keyed by listener name and survives reloads.
-//!
-//! Later connection-pipeline stages (PROXY protocol, firewall, ClientHello sniffing) slot in
-//! between accept and `http::serve_connection`, in the order SPEC CONN-2 fixes.
+//! per-listener connection limit, and handing each accepted connection to the connection
+//! pipeline (`pipeline`: PROXY header, firewall, TLS sniffing, relay or HTTP). Listener
+//! state (live connection counts, the limit, counters) is keyed by listener name and
+//! survives reloads.
+
+mod pipeline;
+mod prefixed;
+pub mod proxy_protocol;
+
+pub use pipeline::Refusal;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -16,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::ListenerConfig;
-use crate::http::{serve_connection, Proxy};
+use crate::http::Proxy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenerError {
@@ -33,8 +38,38 @@ pub enum ListenerError {
 #[derive(Default)]
 pub struct ListenerStats {
     pub active: AtomicUsize,
+    /// `max_connections` in force; 0 means unlimited. Set from each applied config and
+    /// changeable at runtime (`Listeners::set_max_connections`).
+    pub limit: AtomicUsize,
     pub accepted: AtomicU64,
     pub rejected_limit: AtomicU64,
+    pub rejected_proxy_untrusted: AtomicU64,
+    pub rejected_proxy_header: AtomicU64,
+    pub rejected_firewall: AtomicU64,
+    pub rejected_client_hello: AtomicU64,
+    pub rejected_plaintext: AtomicU64,
+    pub rejected_unknown_sni: AtomicU64,
+    pub failed_handshakes: AtomicU64,
+    pub failed_upstream: AtomicU64,
+    pub relays: AtomicU64,
+    pub relayed_from_clients: AtomicU64,
+    pub relayed_to_clients: AtomicU64,
+}
+
+impl ListenerStats {
+    fn refused(&self, reason: Refusal) {
+        let counter = match reason {
+            Refusal::ProxyUntrusted => &self.rejected_proxy_untrusted,
+            Refusal::ProxyHeader => &self.rejected_proxy_header,
+            Refusal::Firewall => &self.rejected_firewall,
+            Refusal::ClientHello => &self.rejected_client_hello,
+            Refusal::Plaintext => &self.rejected_plaintext,
+            Refusal::UnknownSni => &self.rejected_unknown_sni,
+            Refusal::Handshake => &self.failed_handshakes,
+            Refusal::Upstream => &self.failed_upstream,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// Decrements the active count when a connection ends, however it ends.
@@ -136,6 +171,13 @@ impl Listeners {
         }
         self.stats
             .retain(|name, _| configs.iter().any(|c| &c.name == name));
+        for config in configs {
+            self.stats
+                .entry(config.name.clone())
+                .or_default()
+                .limit
+                .store(config.max_connections as usize, Ordering::Relaxed);
+        }
         for (config, listener) in pending.bound {
             let Ok(local_addr) = listener.local_addr() else {
                 continue;
@@ -192,6 +234,19 @@ impl Listeners {
     pub fn stats(&self, name: &str) -> Option<Arc<ListenerStats>> {
         self.stats.get(name).cloned()
     }
+
+    /// Changes a listener's connection limit now (0: unlimited). Connections already open
+    /// stay; the next config applied sets the limit it names. Returns false for an unknown
+    /// listener.
+    pub fn set_max_connections(&self, name: &str, limit: usize) -> bool {
+        match self.stats.get(name) {
+            Some(stats) => {
+                stats.limit.store(limit, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 fn bind(config: &ListenerConfig) -> std::io::Result<TcpListener> {
@@ -243,12 +298,8 @@ async fn accept_loop(
                 continue;
             }
         };
-        let snapshot = proxy.publisher.load();
-        let Some(config) = snapshot.listener(&name).cloned() else {
-            continue;
-        };
         stats.accepted.fetch_add(1, Ordering::Relaxed);
-        let limit = config.max_connections as usize;
+        let limit = stats.limit.load(Ordering::Relaxed);
         let active = stats.active.fetch_add(1, Ordering::Relaxed);
         let guard = ActiveGuard(stats.clone());
         if limit != 0 && active >= limit {
@@ -257,10 +308,19 @@ async fn accept_loop(
             drop(guard);
             continue;
         }
-        let proxy = proxy.clone();
-        let drain = conns.drain.clone();
+        let snapshot = proxy.publisher.load();
+        let Some(listener) = snapshot.listener(&name).cloned() else {
+            continue;
+        };
+        let accepted = pipeline::Accepted {
+            proxy: proxy.clone(),
+            snapshot,
+            listener,
+            stats: stats.clone(),
+            drain: conns.drain.clone(),
+        };
         conns.tracker.spawn(async move {
-            serve_connection(proxy, stream, peer, config, drain).await;
+            pipeline::run(accepted, stream, peer).await;
             drop(guard);
         });
     }

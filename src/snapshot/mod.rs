@@ -17,14 +17,33 @@ use http::{HeaderName, HeaderValue, StatusCode};
 use ipnet::IpNet;
 use regex::Regex;
 
-use crate::config::{Config, ListenerConfig, RouteConfig, XffMode};
+use crate::config::{
+    Config, ListenerConfig, ListenerProtocol, ProxyProtocolVersion, RouteConfig, UnknownSni,
+    XffMode,
+};
+use crate::firewall::{Firewall, FirewallError, FirewallRegistries};
 use crate::route::{RouteError, Router};
+use crate::tls::{CertStore, CertTable, SessionState, TlsError};
 use crate::upstream::{Pool, UpstreamRegistry};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
     #[error(transparent)]
     Route(#[from] RouteError),
+    #[error("{path}: {source}")]
+    Tls {
+        path: String,
+        #[source]
+        source: Box<TlsError>,
+    },
+    #[error("{path}: {source}")]
+    Firewall {
+        path: String,
+        #[source]
+        source: Box<FirewallError>,
+    },
+    #[error("{path}: unknown pool {pool:?}")]
+    UnknownPool { path: String, pool: String },
     #[error("routes[{index}].{field}: {message}")]
     Invalid {
         index: usize,
@@ -70,6 +89,7 @@ pub struct Route {
     pub timeouts: RouteTimeouts,
     /// `Some(None)`: explicitly unlimited; `None`: use the listener's default.
     pub max_request_body: Option<Option<u64>>,
+    pub require_client_cert: bool,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -96,27 +116,135 @@ pub struct Snapshot {
     pub routes: Vec<Arc<Route>>,
     pub pools: HashMap<String, Arc<Pool>>,
     pub http: HttpSettings,
-    pub listeners: HashMap<String, Arc<ListenerConfig>>,
+    pub listeners: HashMap<String, Arc<CompiledListener>>,
+    /// The certificates this config names, installed in the `CertStore` when it goes live.
+    pub certificates: Arc<CertTable>,
+    /// The global firewall; none when it blocks nothing.
+    pub firewall: Option<Firewall>,
 }
 
 impl Snapshot {
-    pub fn listener(&self, name: &str) -> Option<&Arc<ListenerConfig>> {
+    pub fn listener(&self, name: &str) -> Option<&Arc<CompiledListener>> {
         self.listeners.get(name)
     }
 }
 
-/// Compiles a validated config. Pools take their connection state from `registry`.
+/// Where an L4 relay goes.
+pub struct RelayTarget {
+    pub pool: Arc<Pool>,
+    pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    pub idle_timeout: Duration,
+}
+
+/// What a TLS listener does with a ClientHello.
+pub struct TlsPlan {
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    passthrough_exact: HashMap<String, usize>,
+    passthrough_wildcard: HashMap<String, usize>,
+    targets: Vec<RelayTarget>,
+    unknown: UnknownPlan,
+}
+
+enum UnknownPlan {
+    Terminate,
+    Reset,
+    Passthrough(usize),
+}
+
+/// The decision for one ClientHello (SPEC CONN-7).
+pub enum SniDecision<'a> {
+    Passthrough(&'a RelayTarget),
+    Terminate,
+    Reset,
+}
+
+impl TlsPlan {
+    /// Passthrough routes first (exact, then `*.` wildcard), then a certificate that covers
+    /// the name, then the listener's `unknown_sni` behaviour.
+    pub fn decide(&self, sni: Option<&str>, certs: &CertStore) -> SniDecision<'_> {
+        if let Some(name) = sni {
+            let index = self.passthrough_exact.get(name).or_else(|| {
+                name.split_once('.')
+                    .and_then(|(_, parent)| self.passthrough_wildcard.get(parent))
+            });
+            if let Some(&index) = index {
+                return SniDecision::Passthrough(&self.targets[index]);
+            }
+            if certs.covers(Some(name), false) {
+                return SniDecision::Terminate;
+            }
+        }
+        match self.unknown {
+            UnknownPlan::Terminate if certs.covers(None, true) => SniDecision::Terminate,
+            UnknownPlan::Terminate | UnknownPlan::Reset => SniDecision::Reset,
+            UnknownPlan::Passthrough(index) => SniDecision::Passthrough(&self.targets[index]),
+        }
+    }
+}
+
+/// A listener's config with what its connection pipeline needs compiled.
+pub struct CompiledListener {
+    pub config: Arc<ListenerConfig>,
+    pub tls: Option<TlsPlan>,
+    /// For `protocol = "tcp"`.
+    pub relay: Option<RelayTarget>,
+    pub firewall: Option<Firewall>,
+}
+
+/// State that outlives snapshots: connections, certificates, TLS sessions.
+#[derive(Default)]
+pub struct Registries {
+    pub upstreams: UpstreamRegistry,
+    pub certs: Arc<CertStore>,
+    pub sessions: SessionState,
+    pub firewall: FirewallRegistries,
+}
+
+fn compile_firewall(
+    config: &crate::config::FirewallConfig,
+    path: &str,
+    scope: &str,
+    registries: &Registries,
+) -> Result<Option<Firewall>, CompileError> {
+    if config.is_noop() {
+        return Ok(None);
+    }
+    Firewall::compile(config, scope, &registries.firewall)
+        .map(Some)
+        .map_err(|source| CompileError::Firewall {
+            path: path.into(),
+            source: Box::new(source),
+        })
+}
+
+/// Compiles a validated config. Pools take their connection state from `registries`.
 pub fn compile(
     config: Config,
     version: u64,
-    registry: &UpstreamRegistry,
+    registries: &Registries,
 ) -> Result<Snapshot, CompileError> {
     let router = Router::for_routes(&config.routes)?;
-    let pools: HashMap<String, Arc<Pool>> = config
+    let pools = config
         .pools
         .iter()
-        .map(|pool| (pool.name.clone(), Arc::new(registry.pool(pool))))
-        .collect();
+        .enumerate()
+        .map(|(index, pool)| {
+            registries
+                .upstreams
+                .pool(pool)
+                .map(|compiled| (pool.name.clone(), Arc::new(compiled)))
+                .map_err(|source| CompileError::Tls {
+                    path: format!("pools[{index}].tls"),
+                    source: Box::new(source),
+                })
+        })
+        .collect::<Result<HashMap<String, Arc<Pool>>, _>>()?;
+    let certificates = Arc::new(CertTable::load(&config.tls.certificates).map_err(|source| {
+        CompileError::Tls {
+            path: "tls.certificates".into(),
+            source: Box::new(source),
+        }
+    })?);
     let routes = config
         .routes
         .iter()
@@ -137,11 +265,16 @@ pub fn compile(
         add_via: config.http.add_via,
         hide_upstream_server: config.http.hide_upstream_server,
     };
+    let firewall = compile_firewall(&config.firewall, "firewall", "global", registries)?;
     let listeners = config
         .listeners
         .iter()
-        .map(|listener| (listener.name.clone(), Arc::new(listener.clone())))
-        .collect();
+        .enumerate()
+        .map(|(index, listener)| {
+            compile_listener(index, listener, &pools, registries)
+                .map(|compiled| (listener.name.clone(), Arc::new(compiled)))
+        })
+        .collect::<Result<_, _>>()?;
     Ok(Snapshot {
         version,
         router,
@@ -149,7 +282,99 @@ pub fn compile(
         pools,
         http,
         listeners,
+        certificates,
+        firewall,
         config: Arc::new(config),
+    })
+}
+
+fn compile_listener(
+    index: usize,
+    config: &ListenerConfig,
+    pools: &HashMap<String, Arc<Pool>>,
+    registries: &Registries,
+) -> Result<CompiledListener, CompileError> {
+    let path = format!("listeners[{index}]");
+    let target = |field: String, pool: &str, send, idle: crate::config::Dur| {
+        pools
+            .get(pool)
+            .map(|pool| RelayTarget {
+                pool: pool.clone(),
+                send_proxy_protocol: send,
+                idle_timeout: idle.0,
+            })
+            .ok_or_else(|| CompileError::UnknownPool {
+                path: field,
+                pool: pool.into(),
+            })
+    };
+    let tls = match (config.protocol, &config.tls) {
+        (ListenerProtocol::Tls, Some(settings)) => {
+            let server =
+                crate::tls::server_config(settings, &registries.certs, &registries.sessions)
+                    .map_err(|source| CompileError::Tls {
+                        path: format!("{path}.tls"),
+                        source: Box::new(source),
+                    })?;
+            let mut plan = TlsPlan {
+                acceptor: tokio_rustls::TlsAcceptor::from(server),
+                passthrough_exact: HashMap::new(),
+                passthrough_wildcard: HashMap::new(),
+                targets: Vec::new(),
+                unknown: UnknownPlan::Terminate,
+            };
+            for (route_index, route) in settings.passthrough.iter().enumerate() {
+                let field = format!("{path}.tls.passthrough[{route_index}].pool");
+                plan.targets.push(target(
+                    field,
+                    &route.pool,
+                    route.send_proxy_protocol,
+                    route.idle_timeout,
+                )?);
+                let slot = plan.targets.len() - 1;
+                for name in &route.sni {
+                    let name = name.to_ascii_lowercase();
+                    match name.strip_prefix("*.") {
+                        Some(parent) => plan.passthrough_wildcard.entry(parent.to_string()),
+                        None => plan.passthrough_exact.entry(name),
+                    }
+                    .or_insert(slot);
+                }
+            }
+            plan.unknown = match &settings.unknown_sni {
+                UnknownSni::Terminate => UnknownPlan::Terminate,
+                UnknownSni::Reset => UnknownPlan::Reset,
+                UnknownSni::Passthrough(pool) => {
+                    let field = format!("{path}.tls.unknown_sni.passthrough");
+                    plan.targets
+                        .push(target(field, pool, None, crate::config::Dur::secs(300))?);
+                    UnknownPlan::Passthrough(plan.targets.len() - 1)
+                }
+            };
+            Some(plan)
+        }
+        _ => None,
+    };
+    let relay = match (config.protocol, &config.tcp) {
+        (ListenerProtocol::Tcp, Some(tcp)) => Some(target(
+            format!("{path}.tcp.pool"),
+            &tcp.pool,
+            tcp.send_proxy_protocol,
+            tcp.idle_timeout,
+        )?),
+        _ => None,
+    };
+    let firewall = match &config.firewall {
+        Some(rules) => {
+            compile_firewall(rules, &format!("{path}.firewall"), &config.name, registries)?
+        }
+        None => None,
+    };
+    Ok(CompiledListener {
+        config: Arc::new(config.clone()),
+        tls,
+        relay,
+        firewall,
     })
 }
 
@@ -226,13 +451,14 @@ fn compile_route(
             total: route.timeouts.request.non_zero(),
         },
         max_request_body: route.max_request_body.map(|size| size.non_zero()),
+        require_client_cert: route.require_client_cert,
     })
 }
 
 /// Holds the current snapshot and the registries that outlive snapshots.
 pub struct Publisher {
     current: ArcSwap<Snapshot>,
-    pub upstreams: UpstreamRegistry,
+    pub registries: Registries,
     next_version: AtomicU64,
     /// Serializes compile-and-swap so two reloads never interleave.
     apply_lock: parking_lot::Mutex<()>,
@@ -240,11 +466,15 @@ pub struct Publisher {
 
 impl Publisher {
     pub fn new(config: Config) -> Result<Publisher, CompileError> {
-        let upstreams = UpstreamRegistry::default();
-        let snapshot = compile(config, 1, &upstreams)?;
+        let registries = Registries::default();
+        let snapshot = compile(config, 1, &registries)?;
+        registries.certs.install(
+            snapshot.certificates.clone(),
+            &snapshot.config.tls.certificates,
+        );
         Ok(Publisher {
             current: ArcSwap::from_pointee(snapshot),
-            upstreams,
+            registries,
             next_version: AtomicU64::new(2),
             apply_lock: parking_lot::Mutex::new(()),
         })
@@ -260,16 +490,22 @@ impl Publisher {
         let _serialized = self.apply_lock.lock();
         let version = self.next_version.fetch_add(1, Ordering::Relaxed);
         let pools = config.pools.clone();
-        let snapshot = match compile(config, version, &self.upstreams) {
+        let upstreams = &self.registries.upstreams;
+        let snapshot = match compile(config, version, &self.registries) {
             Ok(snapshot) => Arc::new(snapshot),
             Err(err) => {
                 // Forget registry entries the rejected config created.
-                self.upstreams.retain(&self.current.load().config.pools);
+                upstreams.retain(&self.current.load().config.pools);
                 return Err(err);
             }
         };
+        // Certificates first: a listener that starts terminating a new name must find it.
+        self.registries.certs.install(
+            snapshot.certificates.clone(),
+            &snapshot.config.tls.certificates,
+        );
         self.current.store(snapshot.clone());
-        self.upstreams.retain(&pools);
+        upstreams.retain(&pools);
         Ok(snapshot)
     }
 }

@@ -8,6 +8,9 @@
 //! protocol and per-endpoint connection limits.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
@@ -15,12 +18,32 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::UpstreamError;
-use crate::config::UpstreamProtocol;
+use crate::config::{ProxyProtocolVersion, UpstreamProtocol};
 use crate::http::body::RequestBody;
+use crate::listener::proxy_protocol;
+use crate::tls::UpstreamTlsConnector;
+
+/// How connections to an endpoint are set up beyond TCP: TLS, and a PROXY header first.
+#[derive(Default)]
+pub struct Transport {
+    pub tls: Option<Arc<UpstreamTlsConnector>>,
+    pub proxy_protocol: Option<ProxyProtocolVersion>,
+}
+
+/// The downstream connection a request came in on, for the PROXY header and for keeping
+/// such connections to one client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddrs {
+    /// The client's address (from the PROXY header when one was received).
+    pub client: SocketAddr,
+    /// The gateway's own address the client connected to.
+    pub local: SocketAddr,
+}
 
 /// Settings that govern how connections to an endpoint are made and kept.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,6 +59,8 @@ pub struct ConnSettings {
 /// response body is abandoned closes instead and is never handed out again.
 struct Parked {
     sender: http1::SendRequest<RequestBody>,
+    /// Set when the connection began with a PROXY header: only this client may use it.
+    client: Option<SocketAddr>,
     /// When the connection last delivered a response head. Idle time is counted from here,
     /// which errs towards closing a connection slightly early, never late.
     since: Instant,
@@ -49,10 +74,14 @@ struct Http1Pool {
     parked: Vec<Parked>,
 }
 
+/// The multiplexed HTTP/2 connections of one endpoint: one shared by every client, or with
+/// a PROXY header one per client (at most `max_idle`, the oldest replaced first).
+type SharedH2 = Vec<(Option<SocketAddr>, http2::SendRequest<RequestBody>)>;
+
 enum Conns {
     Http1(Mutex<Http1Pool>),
-    H2c {
-        shared: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    H2 {
+        shared: Mutex<SharedH2>,
         /// Serializes dialing so a burst of requests opens one connection, not many.
         dialing: tokio::sync::Mutex<()>,
     },
@@ -60,19 +89,20 @@ enum Conns {
 
 /// Connection state for one endpoint (`host:port`) of one pool.
 pub struct Connections {
-    address: std::sync::Arc<str>,
+    address: Arc<str>,
     /// Set when the address is an IP literal, so connecting skips the resolver.
     literal: Option<SocketAddr>,
     conns: Conns,
+    transport: Transport,
 }
 
 impl Connections {
-    pub fn new(address: std::sync::Arc<str>, protocol: UpstreamProtocol) -> Connections {
+    pub fn new(address: Arc<str>, protocol: UpstreamProtocol, transport: Transport) -> Connections {
         let literal = address.parse().ok();
         let conns = match protocol {
             UpstreamProtocol::Http1 => Conns::Http1(Mutex::new(Http1Pool::default())),
-            UpstreamProtocol::H2c => Conns::H2c {
-                shared: Mutex::new(None),
+            UpstreamProtocol::H2c | UpstreamProtocol::H2 => Conns::H2 {
+                shared: Mutex::new(Vec::new()),
                 dialing: tokio::sync::Mutex::new(()),
             },
         };
@@ -80,35 +110,42 @@ impl Connections {
             address,
             literal,
             conns,
+            transport,
         }
     }
 
     /// Sends one request and returns the response head with its streaming body.
     pub async fn send(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         request: Request<RequestBody>,
         settings: &ConnSettings,
+        addrs: ClientAddrs,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        // Connections that began with a PROXY header carry one client's address.
+        let owner = self.transport.proxy_protocol.map(|_| addrs.client);
         match &self.conns {
-            Conns::Http1(pool) => self.send_http1(pool, request, settings).await,
-            Conns::H2c { shared, dialing } => {
-                self.send_h2c(shared, dialing, request, settings).await
+            Conns::Http1(pool) => self.send_http1(pool, request, settings, addrs, owner).await,
+            Conns::H2 { shared, dialing } => {
+                self.send_h2(shared, dialing, request, settings, addrs, owner)
+                    .await
             }
         }
     }
 
     async fn send_http1(
-        self: &std::sync::Arc<Self>,
+        self: &Arc<Self>,
         pool: &Mutex<Http1Pool>,
         mut request: Request<RequestBody>,
         settings: &ConnSettings,
+        addrs: ClientAddrs,
+        owner: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         // A pooled connection may have been closed by the backend a moment ago; hyper hands
         // the request back when it was not written, and it goes out on a fresh connection.
-        while let Some(mut sender) = self.checkout_idle(pool, settings) {
+        while let Some(mut sender) = self.checkout_idle(pool, settings, owner) {
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.recycle(sender, settings);
+                    self.recycle(sender, settings, owner);
                     return Ok(response);
                 }
                 Err(mut err) => match err.take_message() {
@@ -117,7 +154,7 @@ impl Connections {
                 },
             }
         }
-        let io = self.dial(settings).await?;
+        let io = self.dial(settings, addrs).await?;
         let (mut sender, connection) =
             http1::Builder::new()
                 .handshake(io)
@@ -131,7 +168,7 @@ impl Connections {
             .send_request(request)
             .await
             .map_err(UpstreamError::Request)?;
-        self.recycle(sender, settings);
+        self.recycle(sender, settings, owner);
         Ok(response)
     }
 
@@ -141,6 +178,7 @@ impl Connections {
         &self,
         pool: &Mutex<Http1Pool>,
         settings: &ConnSettings,
+        owner: Option<SocketAddr>,
     ) -> Option<http1::SendRequest<RequestBody>> {
         let mut pool = pool.lock();
         let mut index = pool.parked.len();
@@ -149,7 +187,7 @@ impl Connections {
             let conn = &pool.parked[index];
             if conn.sender.is_closed() {
                 pool.parked.swap_remove(index);
-            } else if conn.sender.is_ready() {
+            } else if conn.client == owner && conn.sender.is_ready() {
                 let conn = pool.parked.swap_remove(index);
                 if conn.since.elapsed() < settings.idle_timeout {
                     return Some(conn.sender);
@@ -161,7 +199,12 @@ impl Connections {
 
     /// Parks a connection that has just delivered a response head, for reuse once its
     /// exchange completes, unless `max_idle` connections are already waiting idle.
-    fn recycle(&self, sender: http1::SendRequest<RequestBody>, settings: &ConnSettings) {
+    fn recycle(
+        &self,
+        sender: http1::SendRequest<RequestBody>,
+        settings: &ConnSettings,
+        owner: Option<SocketAddr>,
+    ) {
         let Conns::Http1(pool) = &self.conns else {
             return;
         };
@@ -175,27 +218,34 @@ impl Connections {
         if idle < settings.max_idle {
             pool.parked.push(Parked {
                 sender,
+                client: owner,
                 since: Instant::now(),
             });
         }
     }
 
-    async fn send_h2c(
+    async fn send_h2(
         &self,
-        shared: &Mutex<Option<http2::SendRequest<RequestBody>>>,
+        shared: &Mutex<SharedH2>,
         dialing: &tokio::sync::Mutex<()>,
         request: Request<RequestBody>,
         settings: &ConnSettings,
+        addrs: ClientAddrs,
+        owner: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = match self.live_h2(shared) {
+        let mut sender = match self.live_h2(shared, owner) {
             Some(sender) => sender,
             None => {
                 let _dialing = dialing.lock().await;
-                match self.live_h2(shared) {
+                match self.live_h2(shared, owner) {
                     Some(sender) => sender,
                     None => {
-                        let sender = self.dial_h2(settings).await?;
-                        *shared.lock() = Some(sender.clone());
+                        let sender = self.dial_h2(settings, addrs).await?;
+                        let mut shared = shared.lock();
+                        if shared.len() >= settings.max_idle.max(1) {
+                            shared.remove(0);
+                        }
+                        shared.push((owner, sender.clone()));
                         sender
                     }
                 }
@@ -210,24 +260,23 @@ impl Connections {
 
     fn live_h2(
         &self,
-        shared: &Mutex<Option<http2::SendRequest<RequestBody>>>,
+        shared: &Mutex<SharedH2>,
+        owner: Option<SocketAddr>,
     ) -> Option<http2::SendRequest<RequestBody>> {
         let mut shared = shared.lock();
-        match shared.as_ref() {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
-            Some(_) => {
-                *shared = None;
-                None
-            }
-            None => None,
-        }
+        shared.retain(|(_, sender)| !sender.is_closed());
+        shared
+            .iter()
+            .find(|(client, _)| *client == owner)
+            .map(|(_, sender)| sender.clone())
     }
 
     async fn dial_h2(
         &self,
         settings: &ConnSettings,
+        addrs: ClientAddrs,
     ) -> Result<http2::SendRequest<RequestBody>, UpstreamError> {
-        let io = self.dial(settings).await?;
+        let io = self.dial(settings, addrs).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(2 << 20)
@@ -244,24 +293,65 @@ impl Connections {
         Ok(sender)
     }
 
-    async fn dial(&self, settings: &ConnSettings) -> Result<TokioIo<TcpStream>, UpstreamError> {
+    /// TCP connect, then the PROXY header and the TLS handshake when configured, all
+    /// inside the connect timeout.
+    async fn dial(
+        &self,
+        settings: &ConnSettings,
+        addrs: ClientAddrs,
+    ) -> Result<TokioIo<UpstreamIo>, UpstreamError> {
         let connect = async {
-            match self.literal {
+            let mut stream = match self.literal {
                 Some(addr) => TcpStream::connect(addr).await,
                 None => TcpStream::connect(&*self.address).await,
             }
-        };
-        let stream = tokio::time::timeout(settings.connect_timeout, connect)
-            .await
-            .map_err(|_| UpstreamError::ConnectTimeout {
-                address: self.address.clone(),
-            })?
             .map_err(|source| UpstreamError::Connect {
                 address: self.address.clone(),
                 source,
             })?;
-        let _ = stream.set_nodelay(true);
-        Ok(TokioIo::new(stream))
+            let _ = stream.set_nodelay(true);
+            if let Some(version) = self.transport.proxy_protocol {
+                let header = match version {
+                    ProxyProtocolVersion::V1 => {
+                        proxy_protocol::encode_v1(addrs.client, addrs.local)
+                    }
+                    ProxyProtocolVersion::V2 => {
+                        proxy_protocol::encode_v2(addrs.client, addrs.local, &[])
+                    }
+                };
+                stream
+                    .write_all(&header)
+                    .await
+                    .map_err(|source| UpstreamError::Connect {
+                        address: self.address.clone(),
+                        source,
+                    })?;
+            }
+            match &self.transport.tls {
+                None => Ok(UpstreamIo::Plain(stream)),
+                Some(tls) => {
+                    let name =
+                        tls.server_name_for(&self.address)
+                            .map_err(|err| UpstreamError::Tls {
+                                address: self.address.clone(),
+                                message: err.to_string(),
+                            })?;
+                    let stream = tls.connector.connect(name, stream).await.map_err(|err| {
+                        UpstreamError::Tls {
+                            address: self.address.clone(),
+                            message: err.to_string(),
+                        }
+                    })?;
+                    Ok(UpstreamIo::Tls(Box::new(stream)))
+                }
+            }
+        };
+        let io = tokio::time::timeout(settings.connect_timeout, connect)
+            .await
+            .map_err(|_| UpstreamError::ConnectTimeout {
+                address: self.address.clone(),
+            })??;
+        Ok(TokioIo::new(io))
     }
 
     /// Idle HTTP/1 connections currently pooled (for tests and status).
@@ -273,7 +363,7 @@ impl Connections {
                 .iter()
                 .filter(|conn| conn.sender.is_ready())
                 .count(),
-            Conns::H2c { shared, .. } => usize::from(shared.lock().is_some()),
+            Conns::H2 { shared, .. } => shared.lock().len(),
         }
     }
 }
@@ -288,4 +378,68 @@ fn drive(
             tracing::debug!(error = %err, protocol, "upstream connection ended with an error");
         }
     });
+}
+
+/// An upstream byte stream: plain TCP or TLS over it.
+pub enum UpstreamIo {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Plain(stream) => stream.is_write_vectored(),
+            UpstreamIo::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
 }

@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-pub use conn::{ConnSettings, Connections};
+pub use conn::{ClientAddrs, ConnSettings, Connections, Transport};
 
 use crate::config::{PoolConfig, UpstreamProtocol};
+use crate::tls::{TlsError, UpstreamTlsConnector};
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -31,6 +32,8 @@ pub enum UpstreamError {
         #[source]
         source: hyper::Error,
     },
+    #[error("TLS to {address} failed: {message}")]
+    Tls { address: Arc<str>, message: String },
     #[error("upstream request failed: {0}")]
     Request(#[source] hyper::Error),
     #[error("no response header within {0:?}")]
@@ -97,7 +100,16 @@ impl Pool {
     }
 }
 
-type EndpointKey = (Arc<str>, Arc<str>, UpstreamProtocol);
+/// Pool name, endpoint address, protocol, and the transport settings (TLS, PROXY) as
+/// written: a change to any of them starts fresh connections.
+type EndpointKey = (Arc<str>, Arc<str>, UpstreamProtocol, String);
+
+fn transport_key(config: &PoolConfig) -> String {
+    if config.tls.is_none() && config.send_proxy_protocol.is_none() {
+        return String::new();
+    }
+    serde_json::to_string(&(&config.tls, &config.send_proxy_protocol)).unwrap_or_default()
+}
 
 /// Long-lived per-endpoint connection state, shared by every snapshot that names it.
 #[derive(Default)]
@@ -107,18 +119,50 @@ pub struct UpstreamRegistry {
 
 impl UpstreamRegistry {
     /// Builds a snapshot's pool, reusing the connections of endpoints already known.
-    pub fn pool(&self, config: &PoolConfig) -> Pool {
+    pub fn pool(&self, config: &PoolConfig) -> Result<Pool, TlsError> {
         let name: Arc<str> = config.name.as_str().into();
+        let tls = match &config.tls {
+            Some(settings) => {
+                if settings.insecure_skip_verify {
+                    tracing::warn!(
+                        pool = %config.name,
+                        "tls.insecure_skip_verify: endpoint certificates are not verified"
+                    );
+                }
+                let alpn: &[&[u8]] = match config.protocol {
+                    UpstreamProtocol::H2 | UpstreamProtocol::H2c => &[b"h2"],
+                    UpstreamProtocol::Http1 => &[b"http/1.1"],
+                };
+                Some(Arc::new(UpstreamTlsConnector::new(settings, alpn)?))
+            }
+            None => None,
+        };
+        let transport_key = transport_key(config);
         let mut registry = self.endpoints.lock();
         let endpoints: Vec<Endpoint> = config
             .endpoints
             .iter()
             .map(|endpoint| {
                 let address: Arc<str> = endpoint.address().into();
-                let key = (name.clone(), address.clone(), config.protocol);
+                let key = (
+                    name.clone(),
+                    address.clone(),
+                    config.protocol,
+                    transport_key.clone(),
+                );
                 let connections = registry
                     .entry(key)
-                    .or_insert_with(|| Arc::new(Connections::new(address.clone(), config.protocol)))
+                    .or_insert_with(|| {
+                        let transport = Transport {
+                            tls: tls.clone(),
+                            proxy_protocol: config.send_proxy_protocol,
+                        };
+                        Arc::new(Connections::new(
+                            address.clone(),
+                            config.protocol,
+                            transport,
+                        ))
+                    })
                     .clone();
                 Endpoint {
                     address,
@@ -128,7 +172,7 @@ impl UpstreamRegistry {
             })
             .collect();
         let total = endpoints.iter().map(|e| i64::from(e.weight)).sum();
-        Pool {
+        Ok(Pool {
             name,
             protocol: config.protocol,
             settings: ConnSettings {
@@ -138,24 +182,26 @@ impl UpstreamRegistry {
             },
             balancer: SmoothWeightedRoundRobin::new(endpoints.len(), total),
             endpoints,
-        }
+        })
     }
 
     /// Drops the connection state of endpoints no pool in `pools` names any more. Requests
     /// still running on an older snapshot keep their own references until they finish.
     pub fn retain(&self, pools: &[PoolConfig]) {
-        let live: HashSet<(&str, &str, UpstreamProtocol)> = pools
+        let keys: Vec<String> = pools.iter().map(transport_key).collect();
+        let live: HashSet<(&str, &str, UpstreamProtocol, &str)> = pools
             .iter()
-            .flat_map(|pool| {
+            .zip(&keys)
+            .flat_map(|(pool, key)| {
                 pool.endpoints
                     .iter()
-                    .map(move |e| (pool.name.as_str(), e.address(), pool.protocol))
+                    .map(move |e| (pool.name.as_str(), e.address(), pool.protocol, key.as_str()))
             })
             .collect();
         self.endpoints
             .lock()
-            .retain(|(pool, address, protocol), _| {
-                live.contains(&(&**pool, &**address, *protocol))
+            .retain(|(pool, address, protocol, key), _| {
+                live.contains(&(&**pool, &**address, *protocol, key.as_str()))
             });
     }
 
@@ -182,6 +228,7 @@ mod tests {
                     connections: Arc::new(Connections::new(
                         address.clone(),
                         UpstreamProtocol::Http1,
+                        Transport::default(),
                     )),
                     address,
                     weight: *w,
@@ -218,8 +265,8 @@ mod tests {
         let registry = UpstreamRegistry::default();
         let config: PoolConfig =
             toml::from_str("name = \"p\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\"]").unwrap();
-        let first = registry.pool(&config);
-        let second = registry.pool(&config);
+        let first = registry.pool(&config).unwrap();
+        let second = registry.pool(&config).unwrap();
         assert!(Arc::ptr_eq(
             &first.endpoints[0].connections,
             &second.endpoints[0].connections

@@ -2,6 +2,8 @@
 //! backends on port 0. Each integration test file does `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::io::{BufRead, BufReader};
@@ -354,6 +356,18 @@ impl Backend {
                 });
             }
         });
+        Backend {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    pub fn from_parts(
+        addr: SocketAddr,
+        requests: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    ) -> Backend {
         Backend {
             addr,
             requests,
