@@ -5,7 +5,7 @@
 //! survives reloads.
 
 mod pipeline;
-mod prefixed;
+pub mod prefixed;
 pub mod proxy_protocol;
 
 pub use pipeline::Refusal;
