@@ -564,6 +564,14 @@ pool = "app"
     let subject = echoed_header(&answer, "x-client-subject");
     assert_eq!(subject.len(), 1);
     assert!(subject[0].contains("CN=alice"), "{subject:?}");
+    // …and in the access log.
+    let line = gateway.wait_access_log(|line| line["path"] == "/secure" && line["status"] == 200);
+    assert!(
+        line["client_cert_subject"]
+            .as_str()
+            .is_some_and(|s| s.contains("CN=alice")),
+        "{line}"
+    );
 
     // A certificate from another CA fails the handshake (the server rejects it).
     let rogue = connect(
@@ -749,4 +757,94 @@ async fn one_line_mode_terminates_tls_and_passes_through() {
     assert!(hello_only(addr, "other.test", &pki.backend_ca)
         .await
         .is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS-1 versions, TLS-2 validation at load
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn minimum_version_refuses_older_clients() {
+    let ca = Ca::new("Version CA");
+    let app = Backend::echo().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.server(&["term.test"]).write(dir.path(), "site");
+    let config = single_cert_config(&cert, &key, app.addr, "").replace(
+        "[listeners.tls]\n",
+        "[listeners.tls]\nmin_version = \"1.3\"\n",
+    );
+    let gateway = Gateway::start(&config);
+    let edge = gateway.addr("edge");
+    let tls12_only = {
+        let mut roots = rustls::RootCertStore::empty();
+        roots
+            .add(
+                Pair {
+                    cert: ca.pem(),
+                    key: String::new(),
+                }
+                .der(),
+            )
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(support::tls::provider())
+            .with_protocol_versions(&[&rustls::version::TLS12])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        std::sync::Arc::new(config)
+    };
+    assert!(connect(edge, "term.test", tls12_only).await.is_err());
+    let modern = connect(
+        edge,
+        "term.test",
+        client_config(&ca.pem(), &["http/1.1"], None),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        modern.get_ref().1.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+}
+
+#[tokio::test]
+async fn certificates_are_checked_at_load() {
+    let ca = Ca::new("Load CA");
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, _) = ca.server(&["a.test"]).write(dir.path(), "a");
+    let (_, other_key) = ca.server(&["b.test"]).write(dir.path(), "b");
+    let mismatched = format!(
+        "[[listeners]]\nname = \"edge\"\nbind = \"127.0.0.1:0\"\nprotocol = \"tls\"\n[listeners.tls]\n\n[[tls.certificates]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        other_key.display()
+    );
+    let file = dir.path().join("mismatched.toml");
+    std::fs::write(&file, &mismatched).unwrap();
+    let output = support::run_to_exit(&["validate", &path(&file)], &[]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tls.certificates") && stderr.contains("does not match"),
+        "{stderr}"
+    );
+
+    let expired = ca.expired(&["old.test"]);
+    let (old_cert, old_key) = expired.write(dir.path(), "old");
+    let config = mismatched
+        .replace(&path(&cert), &path(&old_cert))
+        .replace(&path(&other_key), &path(&old_key));
+    std::fs::write(&file, &config).unwrap();
+    let output = support::run_to_exit(&["validate", &path(&file)], &[]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("expired"), "{stderr}");
+
+    let missing = mismatched.replace(&path(&cert), "/nonexistent/cert.pem");
+    std::fs::write(&file, &missing).unwrap();
+    let output = support::run_to_exit(&["validate", &path(&file)], &[]).await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("cannot read /nonexistent/cert.pem"),
+        "{stderr}"
+    );
 }

@@ -499,6 +499,7 @@ fn begin_record<B>(
             .get(USER_AGENT)
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned),
+        client_cert_subject: conn.client_subject.clone(),
         ..AccessRecord::now()
     }
 }

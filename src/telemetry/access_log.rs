@@ -154,6 +154,9 @@ pub struct AccessRecord {
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user_agent: Option<String>,
+    /// Subject of the verified client certificate (mTLS).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_as_str")]
+    pub client_cert_subject: Option<Arc<str>>,
 }
 
 fn as_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {

@@ -98,6 +98,15 @@ impl Ca {
         self.sign(params)
     }
 
+    /// A server certificate that expired in 2021.
+    pub fn expired(&self, names: &[&str]) -> Pair {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("params");
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        self.sign(params)
+    }
+
     fn sign(&self, params: CertificateParams) -> Pair {
         let key = KeyPair::generate().expect("key");
         let cert = params.signed_by(&key, &self.issuer).expect("sign");
