@@ -4,9 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# External tools the tests drive for real: fail2ban-regex checks the firewall's log line.
+# External tools the tests drive for real: fail2ban-regex checks the firewall's log line,
 missing=()
 command -v fail2ban-regex >/dev/null 2>&1 || missing+=(fail2ban)
+# pebble (and pebble-challtestsrv) is the real ACME server the ACME tests validate against.
+command -v pebble >/dev/null 2>&1 || missing+=(pebble)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
   "${sudo[@]}" apt-get update -qq

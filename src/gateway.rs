@@ -76,6 +76,7 @@ impl Gateway {
         let pending = listeners.prepare(&listener_configs)?;
         listeners.activate(pending, &listener_configs);
         spawn_file_watch(Arc::downgrade(&publisher));
+        crate::acme::spawn(Arc::downgrade(&publisher));
         Ok(Gateway {
             publisher,
             proxy,
@@ -144,6 +145,11 @@ impl Gateway {
         })?;
         registries.firewall.geoip().reload_all();
         Ok(())
+    }
+
+    /// Every ACME certificate: names, issuer, expiry, next renewal, last error.
+    pub fn acme_status(&self) -> Vec<crate::acme::AcmeStatus> {
+        self.publisher.registries.acme.status()
     }
 
     /// The certificates new handshakes are served from.

@@ -4,6 +4,7 @@
 //! Data plane: `listener` (accept) → `http` (pipeline) → `route` (match) → `upstream`
 //! (pools, connections). `telemetry` reports, `ops` handles signals, `gateway` ties them.
 
+pub mod acme;
 pub mod config;
 pub mod control;
 pub mod demo;

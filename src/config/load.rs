@@ -101,6 +101,12 @@ fn resolve_paths(config: &mut super::Config, base: &Path) {
         fix(&mut cert.cert);
         fix(&mut cert.key);
     }
+    if let Some(acme) = config.acme.as_mut() {
+        fix(&mut acme.cache_dir);
+        if let Some(ca) = acme.directory_ca.as_mut() {
+            fix(ca);
+        }
+    }
     if let Some(db) = config.firewall.geoip_db.as_mut() {
         fix_path(db);
     }
@@ -163,6 +169,7 @@ const SECTIONS: &[&str] = &[
     "access_log",
     "http",
     "tls",
+    "acme",
     "firewall",
     "watch_interval",
     "demo",
@@ -513,6 +520,7 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             "access_log" => config.access_log = section(value, &key, errors).unwrap_or_default(),
             "http" => config.http = section(value, &key, errors).unwrap_or_default(),
             "tls" => config.tls = section(value, &key, errors).unwrap_or_default(),
+            "acme" => config.acme = section(value, &key, errors).unwrap_or_default(),
             "firewall" => config.firewall = section(value, &key, errors).unwrap_or_default(),
             "watch_interval" => {
                 if let Some(parsed) = section(value, &key, errors) {

@@ -17,9 +17,10 @@ use serde::{Deserialize, Serialize};
 pub use firewall::{FirewallConfig, FirewallMode, RateLimitConfig};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
 pub use tls::{
-    CertificateConfig, ClientAuthConfig, ClientAuthMode, ListenerTls, PassthroughRoute,
-    PlaintextAction, ProxyProtocolReceive, ProxyProtocolVersion, RedirectHttpsConfig,
-    TcpListenerConfig, TlsConfig, TlsVersion, UnknownSni, UpstreamTls,
+    AcmeCertificate, AcmeChallenge, AcmeConfig, CertificateConfig, ClientAuthConfig,
+    ClientAuthMode, ListenerTls, PassthroughRoute, PlaintextAction, ProxyProtocolReceive,
+    ProxyProtocolVersion, RedirectHttpsConfig, TcpListenerConfig, TlsConfig, TlsVersion,
+    UnknownSni, UpstreamTls,
 };
 pub use units::{Dur, Size};
 
@@ -36,6 +37,8 @@ pub struct Config {
     pub http: HttpConfig,
     /// Certificates for TLS listeners (SPEC TLS-2).
     pub tls: TlsConfig,
+    /// Certificates obtained automatically (SPEC TLS-3).
+    pub acme: Option<AcmeConfig>,
     /// Connection firewall for every listener (SPEC CONN-6); listeners add their own.
     pub firewall: FirewallConfig,
     /// How often certificate, key and GeoIP database files are checked for changes (by

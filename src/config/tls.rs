@@ -230,3 +230,78 @@ pub struct UpstreamTls {
     pub client_cert: Option<String>,
     pub client_key: Option<String>,
 }
+
+/// Automatic certificates (SPEC TLS-3).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The ACME directory URL (any RFC 8555 server).
+    #[serde(default = "AcmeConfig::default_directory")]
+    pub directory: String,
+    /// PEM file of a CA to trust for the directory's HTTPS (a private or test ACME
+    /// server); none: the system's roots.
+    #[serde(default)]
+    pub directory_ca: Option<String>,
+    /// Account contacts, e.g. `mailto:ops@example.com`.
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// Where the account key and certificates are kept (relative: to the config file).
+    #[serde(default = "AcmeConfig::default_cache_dir")]
+    pub cache_dir: String,
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// Renew when a certificate has less than this left.
+    #[serde(default = "AcmeConfig::default_renew_before")]
+    pub renew_before: Dur,
+    /// How often expiry dates are looked at, and the least time between two orders for
+    /// the same certificate.
+    #[serde(default = "AcmeConfig::default_check_interval")]
+    pub check_interval: Dur,
+    /// First retry delay after a failed order; doubled on each failure up to `retry_max`.
+    #[serde(default = "AcmeConfig::default_retry_min")]
+    pub retry_min: Dur,
+    #[serde(default = "AcmeConfig::default_retry_max")]
+    pub retry_max: Dur,
+    /// One certificate per entry, covering all its names (SANs). List names in separate
+    /// entries for one certificate each.
+    pub certificates: Vec<AcmeCertificate>,
+}
+
+impl AcmeConfig {
+    fn default_directory() -> String {
+        "https://acme-v02.api.letsencrypt.org/directory".into()
+    }
+    fn default_cache_dir() -> String {
+        "acme".into()
+    }
+    fn default_renew_before() -> Dur {
+        Dur::secs(30 * 24 * 3600)
+    }
+    fn default_check_interval() -> Dur {
+        Dur::secs(3600)
+    }
+    fn default_retry_min() -> Dur {
+        Dur::secs(10)
+    }
+    fn default_retry_max() -> Dur {
+        Dur::secs(3600)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeCertificate {
+    /// DNS names (no wildcards: TLS-ALPN-01 and HTTP-01 cannot validate them).
+    pub names: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum AcmeChallenge {
+    /// Answered on the TLS listeners (port 443 in production).
+    #[default]
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
+    /// Answered on the plain HTTP listeners (port 80), ahead of any redirect.
+    #[serde(rename = "http-01")]
+    Http01,
+}

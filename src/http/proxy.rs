@@ -30,6 +30,8 @@ use crate::snapshot::{Action, PathRewrite, Publisher, Route, Snapshot};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard};
 use crate::upstream::{ClientAddrs, UpstreamError};
 
+const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
+
 /// State shared by every connection of every HTTP listener.
 pub struct Proxy {
     pub publisher: Arc<Publisher>,
@@ -154,6 +156,16 @@ impl Proxy {
         }
         let snapshot = exchange.snapshot.clone();
         let host_raw = request_host(&request).map(str::to_owned);
+        // ACME HTTP-01 answers go ahead of the HTTPS redirect and of every route.
+        if let Some(token) = request.uri().path().strip_prefix(ACME_CHALLENGE_PATH) {
+            if let Some(answer) = self.publisher.registries.certs.http_challenge(token) {
+                let mut response = Response::new(ResponseBody::full(bytes::Bytes::from(answer)));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                return Ok(response);
+            }
+        }
         if let Some(redirect) = &conn.redirect_https {
             return https_redirect(redirect, host_raw.as_deref(), request.uri());
         }

@@ -172,6 +172,10 @@ async fn serve_tls(
                 }
             };
             let (_, session) = tls.get_ref();
+            if session.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
+                // A TLS-ALPN-01 validation: the handshake was the whole answer (RFC 8737).
+                return;
+            }
             let client_subject = session
                 .peer_certificates()
                 .and_then(|chain| chain.first())

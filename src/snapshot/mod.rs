@@ -198,6 +198,7 @@ pub struct Registries {
     pub certs: Arc<CertStore>,
     pub sessions: SessionState,
     pub firewall: FirewallRegistries,
+    pub acme: crate::acme::AcmeRegistry,
 }
 
 fn compile_firewall(
@@ -271,7 +272,7 @@ pub fn compile(
         .iter()
         .enumerate()
         .map(|(index, listener)| {
-            compile_listener(index, listener, &pools, registries)
+            compile_listener(index, listener, &pools, registries, config.acme.is_some())
                 .map(|compiled| (listener.name.clone(), Arc::new(compiled)))
         })
         .collect::<Result<_, _>>()?;
@@ -293,6 +294,7 @@ fn compile_listener(
     config: &ListenerConfig,
     pools: &HashMap<String, Arc<Pool>>,
     registries: &Registries,
+    acme: bool,
 ) -> Result<CompiledListener, CompileError> {
     let path = format!("listeners[{index}]");
     let target = |field: String, pool: &str, send, idle: crate::config::Dur| {
@@ -311,7 +313,7 @@ fn compile_listener(
     let tls = match (config.protocol, &config.tls) {
         (ListenerProtocol::Tls, Some(settings)) => {
             let server =
-                crate::tls::server_config(settings, &registries.certs, &registries.sessions)
+                crate::tls::server_config(settings, &registries.certs, &registries.sessions, acme)
                     .map_err(|source| CompileError::Tls {
                         path: format!("{path}.tls"),
                         source: Box::new(source),
@@ -455,6 +457,21 @@ fn compile_route(
     })
 }
 
+fn install_certificates(registries: &Registries, snapshot: &Snapshot) {
+    registries.certs.install(
+        snapshot.certificates.clone(),
+        &snapshot.config.tls.certificates,
+    );
+    let acme_names = snapshot
+        .config
+        .acme
+        .iter()
+        .flat_map(|acme| &acme.certificates)
+        .flat_map(|cert| &cert.names)
+        .map(|name| name.to_ascii_lowercase());
+    registries.certs.set_managed_names(acme_names);
+}
+
 /// Holds the current snapshot and the registries that outlive snapshots.
 pub struct Publisher {
     current: ArcSwap<Snapshot>,
@@ -468,10 +485,7 @@ impl Publisher {
     pub fn new(config: Config) -> Result<Publisher, CompileError> {
         let registries = Registries::default();
         let snapshot = compile(config, 1, &registries)?;
-        registries.certs.install(
-            snapshot.certificates.clone(),
-            &snapshot.config.tls.certificates,
-        );
+        install_certificates(&registries, &snapshot);
         Ok(Publisher {
             current: ArcSwap::from_pointee(snapshot),
             registries,
@@ -500,10 +514,7 @@ impl Publisher {
             }
         };
         // Certificates first: a listener that starts terminating a new name must find it.
-        self.registries.certs.install(
-            snapshot.certificates.clone(),
-            &snapshot.config.tls.certificates,
-        );
+        install_certificates(&self.registries, &snapshot);
         self.current.store(snapshot.clone());
         upstreams.retain(&pools);
         Ok(snapshot)

@@ -138,10 +138,28 @@ impl Sources {
     }
 }
 
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// Certificates obtained by ACME, and the challenge answers of orders in progress.
+#[derive(Default)]
+struct Managed {
+    /// Exact name → certificate. Static certificates win for a name in both.
+    certs: HashMap<String, Arc<CertifiedKey>>,
+    /// Names ACME manages, with or without a certificate yet: a handshake for one is
+    /// terminated (that is how TLS-ALPN-01 validation reaches us).
+    names: std::collections::HashSet<String>,
+    /// TLS-ALPN-01: name → self-signed validation certificate.
+    alpn_challenges: HashMap<String, Arc<CertifiedKey>>,
+    /// HTTP-01: token → key authorization.
+    http_challenges: HashMap<String, String>,
+}
+
 /// The live certificate table and where it came from. Outlives snapshots.
 pub struct CertStore {
     table: ArcSwap<CertTable>,
     sources: Mutex<Sources>,
+    managed: parking_lot::RwLock<Managed>,
 }
 
 impl std::fmt::Debug for CertStore {
@@ -155,6 +173,7 @@ impl Default for CertStore {
         CertStore {
             table: ArcSwap::from_pointee(CertTable::default()),
             sources: Mutex::new(Sources::new(&[])),
+            managed: parking_lot::RwLock::new(Managed::default()),
         }
     }
 }
@@ -171,29 +190,81 @@ impl CertStore {
         self.table.load_full()
     }
 
-    /// Whether a handshake naming `sni` would be served a certificate (exact, wildcard
-    /// or default).
+    /// Whether a handshake naming `sni` would be served a certificate (exact, wildcard,
+    /// ACME-managed, or the default).
     pub fn covers(&self, sni: Option<&str>, use_default: bool) -> bool {
         let table = self.table.load();
         match sni {
             Some(name) if table.lookup(name).is_some() => true,
+            Some(name) if self.managed.read().names.contains(name) => true,
             _ => use_default && table.default.is_some(),
         }
     }
 
-    /// Chooses the certificate for one handshake. `_alpn` is where an ACME TLS-ALPN-01
-    /// challenge (`acme-tls/1`) will be answered.
+    /// Chooses the certificate for one handshake: a TLS-ALPN-01 validation certificate
+    /// when the client offers only `acme-tls/1`, else a static certificate for the name, an
+    /// ACME one, then the default.
     pub fn resolve<'a>(
         &self,
         sni: Option<&str>,
-        _alpn: Option<impl Iterator<Item = &'a [u8]>>,
+        alpn: Option<impl Iterator<Item = &'a [u8]>>,
     ) -> Option<Arc<CertifiedKey>> {
-        let table = self.table.load();
         let name = sni.map(str::to_ascii_lowercase);
-        name.as_deref()
-            .and_then(|name| table.lookup(name))
-            .or(table.default.as_ref())
-            .cloned()
+        let acme_validation = alpn.is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN));
+        if acme_validation {
+            // RFC 8737: answer with the validation certificate or not at all.
+            return name
+                .as_deref()
+                .and_then(|name| self.managed.read().alpn_challenges.get(name).cloned());
+        }
+        let table = self.table.load();
+        if let Some(cert) = name.as_deref().and_then(|name| table.lookup(name)) {
+            return Some(cert.clone());
+        }
+        if let Some(cert) = name
+            .as_deref()
+            .and_then(|name| self.managed.read().certs.get(name).cloned())
+        {
+            return Some(cert);
+        }
+        table.default.clone()
+    }
+
+    /// Declares the names ACME manages (a config change replaces the set).
+    pub fn set_managed_names(&self, names: impl IntoIterator<Item = String>) {
+        let mut managed = self.managed.write();
+        managed.names = names.into_iter().collect();
+        let names = managed.names.clone();
+        managed.certs.retain(|name, _| names.contains(name));
+    }
+
+    /// Serves `cert` for `names` from the next handshake on.
+    pub fn install_managed(&self, names: &[String], cert: Arc<CertifiedKey>) {
+        let mut managed = self.managed.write();
+        for name in names {
+            managed.certs.insert(name.clone(), cert.clone());
+        }
+    }
+
+    pub fn set_alpn_challenge(&self, name: &str, cert: Option<Arc<CertifiedKey>>) {
+        let mut managed = self.managed.write();
+        match cert {
+            Some(cert) => managed.alpn_challenges.insert(name.to_string(), cert),
+            None => managed.alpn_challenges.remove(name),
+        };
+    }
+
+    pub fn set_http_challenge(&self, token: &str, key_authorization: Option<String>) {
+        let mut managed = self.managed.write();
+        match key_authorization {
+            Some(value) => managed.http_challenges.insert(token.to_string(), value),
+            None => managed.http_challenges.remove(token),
+        };
+    }
+
+    /// The HTTP-01 answer for `token`, if an order is waiting for it.
+    pub fn http_challenge(&self, token: &str) -> Option<String> {
+        self.managed.read().http_challenges.get(token).cloned()
     }
 
     /// Reloads the files when any of them changed since they were last loaded (or
@@ -248,6 +319,47 @@ pub(crate) fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, TlsError> {
             message: other.to_string(),
         },
     })
+}
+
+/// Facts about a leaf certificate, for status reports.
+pub struct LeafInfo {
+    /// Seconds since the Unix epoch.
+    pub not_after: i64,
+    pub issuer: String,
+}
+
+/// Loads a PEM chain and key given as bytes (an ACME order's result or its cached copy):
+/// the pair must match and the certificate must not have expired.
+pub fn certified_from_pem(
+    label: &str,
+    chain_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<(Arc<CertifiedKey>, LeafInfo), TlsError> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|err| TlsError::Pem {
+            path: label.into(),
+            message: err.to_string(),
+        })?;
+    let leaf = chain
+        .first()
+        .ok_or_else(|| TlsError::NoCertificate { path: label.into() })?;
+    let (not_after, _) = inspect_leaf(label, leaf)?;
+    let issuer = x509_parser::parse_x509_certificate(leaf)
+        .map(|(_, cert)| cert.issuer().to_string())
+        .unwrap_or_default();
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|err| TlsError::Pem {
+        path: label.into(),
+        message: err.to_string(),
+    })?;
+    let certified = CertifiedKey::from_der(chain, key, &provider()).map_err(|source| {
+        TlsError::KeyMismatch {
+            cert: label.into(),
+            key: label.into(),
+            source,
+        }
+    })?;
+    Ok((Arc::new(certified), LeafInfo { not_after, issuer }))
 }
 
 /// Expiry (refused when past, warned when close) and DNS names of a leaf certificate.

@@ -16,7 +16,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
 
-pub use certs::{CertStore, CertTable, LoadedCert};
+pub use certs::{certified_from_pem, CertStore, CertTable, LeafInfo, LoadedCert, ACME_TLS_ALPN};
 
 use crate::config::{ClientAuthMode, ListenerTls, TlsVersion, UpstreamTls};
 
@@ -93,10 +93,12 @@ impl Default for SessionState {
 }
 
 /// Builds a listener's rustls server config.
+/// `acme`: also offer `acme-tls/1`, so TLS-ALPN-01 validation handshakes complete.
 pub fn server_config(
     settings: &ListenerTls,
     store: &Arc<CertStore>,
     sessions: &SessionState,
+    acme: bool,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut provider = provider();
     if !settings.cipher_suites.is_empty() {
@@ -154,6 +156,9 @@ pub fn server_config(
         .iter()
         .map(|proto| proto.as_bytes().to_vec())
         .collect();
+    if acme {
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+    }
     config.session_storage = sessions.cache.clone();
     if let Some(ticketer) = &sessions.ticketer {
         config.ticketer = ticketer.clone();
