@@ -17,6 +17,8 @@
 #       - HTTP/1.1 p99 at a fixed rate of half nginx's median max throughput
 #         (bench_client rate: open-loop, latency from each request's due time);
 #       - h2c throughput (h2load, 100 concurrent streams per connection);
+#       - TLS termination (one throwaway ECDSA P-256 certificate, TLS 1.3): HTTP/1.1
+#         keep-alive throughput over TLS (wrk https) and h2 over TLS (h2load https);
 #       - memory of BENCH_IDLE_CONNECTIONS idle keep-alive connections (bench_client
 #         idle, on a freshly restarted peer; summed RSS of the peer's processes from
 #         /proc before and after, divided by the connections);
@@ -101,6 +103,7 @@ BACKEND_PORT=$PORT_BASE
 BACKEND_H2_PORT=$((PORT_BASE + 1))
 declare -A PORT=([direct]=$BACKEND_PORT [gatehouse]=$((PORT_BASE + 2)) [nginx]=$((PORT_BASE + 4)) [haproxy]=$((PORT_BASE + 6)))
 declare -A H2_PORT=([direct]=$BACKEND_H2_PORT [gatehouse]=$((PORT_BASE + 2)) [nginx]=$((PORT_BASE + 5)) [haproxy]=$((PORT_BASE + 7)))
+declare -A TLS_PORT=([gatehouse]=$((PORT_BASE + 3)) [nginx]=$((PORT_BASE + 8)) [haproxy]=$((PORT_BASE + 9)))
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -221,7 +224,8 @@ check_h2() { # port: one h2c prior-knowledge request must answer 200
 declare -A PEER_PID
 start_peer() { # peer workers
   local peer=$1 workers=$2
-  local common=(-e "s|@WORKERS@|$workers|g" -e "s|@PORT@|${PORT[$peer]}|g" -e "s|@H2_PORT@|${H2_PORT[$peer]}|g")
+  local common=(-e "s|@WORKERS@|$workers|g" -e "s|@PORT@|${PORT[$peer]}|g" -e "s|@H2_PORT@|${H2_PORT[$peer]}|g"
+    -e "s|@TLS_PORT@|${TLS_PORT[$peer]}|g")
   case "$peer" in
     gatehouse)
       render bench/gatehouse.toml "$RUN/gatehouse.toml" "${common[@]}"
@@ -243,6 +247,21 @@ start_peer() { # peer workers
   wait_port "${H2_PORT[$peer]}" || die "$peer h2c port did not open"
   check_http "${PORT[$peer]}"
   check_h2 "${H2_PORT[$peer]}"
+  wait_port "${TLS_PORT[$peer]}" || die "$peer TLS port did not open"
+  check_tls "${TLS_PORT[$peer]}"
+}
+
+make_certificate() { # a throwaway ECDSA P-256 certificate for every peer's TLS port
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+    -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
+    -keyout "$RUN/tls.key" -out "$RUN/tls.crt" 2>/dev/null || die "openssl could not make a certificate"
+  cat "$RUN/tls.crt" "$RUN/tls.key" >"$RUN/tls.pem"
+}
+
+check_tls() { # port: one HTTPS request (h2 by ALPN) must answer 200
+  local out
+  out=$(h2load -n 1 -c 1 "https://127.0.0.1:$1/" 2>&1) || true
+  grep -q '1 2xx' <<<"$out" || die "TLS on 127.0.0.1:$1 failed: $(tail -3 <<<"$out")"
 }
 
 # All pids of a peer: the process and its children (nginx workers).
@@ -321,6 +340,34 @@ run_h2() { # workers peer round
   record "$w" h2 "$peer" "$round" mean_ms "$mean"
   record "$w" h2 "$peer" "$round" errors "${failed:-0}"
   log "  h2c   w=$w $peer round $round: $rps req/s, mean ${mean} ms, failed ${failed:-?}"
+}
+
+run_tls_http1() { # workers peer round
+  local w=$1 peer=$2 round=$3
+  local raw=$OUT/raw/w$w-tls1-$peer-r$round.txt
+  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency \
+    "https://127.0.0.1:${TLS_PORT[$peer]}/" >"$raw" 2>&1 || die "wrk https failed against $peer: $(tail -3 "$raw")"
+  local rps p99 errors
+  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$raw")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$raw")")
+  errors=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$raw")
+  record "$w" tls1 "$peer" "$round" rps "$rps"
+  record "$w" tls1 "$peer" "$round" p99_ms "$p99"
+  record "$w" tls1 "$peer" "$round" errors "${errors:-0}"
+  log "  tls1  w=$w $peer round $round: $rps req/s, p99 ${p99} ms"
+}
+
+run_tls_h2() { # workers peer round
+  local w=$1 peer=$2 round=$3
+  local raw=$OUT/raw/w$w-tls2-$peer-r$round.txt
+  h2load -t 1 -c "$H2_CONNECTIONS" -m "$H2_STREAMS" -D "$(seconds "$DURATION")" \
+    "https://127.0.0.1:${TLS_PORT[$peer]}/" >"$raw" 2>&1 || die "h2load https failed against $peer: $(tail -3 "$raw")"
+  local rps failed
+  rps=$(awk '/^finished in/ { print $4 }' "$raw")
+  failed=$(awk '/^requests:/ { print $10 + $12 + $14 }' "$raw")
+  record "$w" tls2 "$peer" "$round" rps "$rps"
+  record "$w" tls2 "$peer" "$round" errors "${failed:-0}"
+  log "  tls2  w=$w $peer round $round: $rps req/s, failed ${failed:-?}"
 }
 
 run_idle() { # workers peer
@@ -418,6 +465,25 @@ summary() {
         "$(value "$w" h2 "$peer" errors)" "$(ratio "$gh" "$rps")"
     done
     echo
+    echo "TLS termination, HTTP/1.1 keep-alive over TLS, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (https)"
+    printf '  %-10s %12s %10s %8s %12s\n' peer req/s p99_ms errors "GH÷peer rps"
+    gh=$(value "$w" tls1 gatehouse rps)
+    for peer in $PEERS; do
+      local rps
+      rps=$(value "$w" tls1 "$peer" rps)
+      printf '  %-10s %12.0f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls1 "$peer" p99_ms)" \
+        "$(value "$w" tls1 "$peer" errors)" "$(ratio "$gh" "$rps")"
+    done
+    echo
+    echo "TLS termination, h2 over TLS, h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D$(seconds "$DURATION") (https)"
+    printf '  %-10s %12s %8s %12s\n' peer req/s failed "GH÷peer rps"
+    gh=$(value "$w" tls2 gatehouse rps)
+    for peer in $PEERS; do
+      local rps
+      rps=$(value "$w" tls2 "$peer" rps)
+      printf '  %-10s %12.0f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls2 "$peer" errors)" "$(ratio "$gh" "$rps")"
+    done
+    echo
     echo "Idle keep-alive connections: $IDLE_CONNECTIONS opened, one request each, then idle"
     printf '  %-10s %12s %12s %10s %12s %12s\n' peer rss_before rss_after still_open KiB/conn "GH÷peer"
     gh=$(value "$w" idle gatehouse kib_per_conn)
@@ -442,7 +508,8 @@ fi
 ((IDLE_CONNECTIONS <= IDLE_FIT)) ||
   die "ulimit -n is $NOFILE: at most $IDLE_FIT idle connections fit (BENCH_IDLE_CONNECTIONS=$IDLE_CONNECTIONS)"
 check_free "$BACKEND_PORT" "$BACKEND_H2_PORT" "${PORT[gatehouse]}" "${PORT[nginx]}" "${H2_PORT[nginx]}" \
-  "${PORT[haproxy]}" "${H2_PORT[haproxy]}"
+  "${PORT[haproxy]}" "${H2_PORT[haproxy]}" "${TLS_PORT[gatehouse]}" "${TLS_PORT[nginx]}" "${TLS_PORT[haproxy]}"
+make_certificate
 
 {
   echo "machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
@@ -503,6 +570,16 @@ for w in $WORKERS_LIST; do
   log "h2c throughput"
   for round in $(seq "$ROUNDS"); do
     for peer in direct $PEERS; do run_h2 "$w" "$peer" "$round"; sleep 1; done
+  done
+
+  log "TLS termination: HTTP/1.1 over TLS"
+  for round in $(seq "$ROUNDS"); do
+    for peer in $PEERS; do run_tls_http1 "$w" "$peer" "$round"; sleep 1; done
+  done
+
+  log "TLS termination: h2 over TLS"
+  for round in $(seq "$ROUNDS"); do
+    for peer in $PEERS; do run_tls_h2 "$w" "$peer" "$round"; sleep 1; done
   done
 
   log "idle connections memory"

@@ -314,13 +314,12 @@ async fn accept_loop(
         };
         let accepted = pipeline::Accepted {
             proxy: proxy.clone(),
-            snapshot,
             listener,
             stats: stats.clone(),
             drain: conns.drain.clone(),
         };
         conns.tracker.spawn(async move {
-            pipeline::run(accepted, stream, peer).await;
+            pipeline::run(accepted, snapshot, stream, peer).await;
             drop(guard);
         });
     }

@@ -42,13 +42,20 @@ pub enum Refusal {
 /// Everything one connection needs from its listener.
 pub(super) struct Accepted {
     pub proxy: Arc<Proxy>,
-    pub snapshot: Arc<Snapshot>,
     pub listener: Arc<CompiledListener>,
     pub stats: Arc<ListenerStats>,
     pub drain: CancellationToken,
 }
 
-pub(super) async fn run(accepted: Accepted, mut stream: TcpStream, peer: SocketAddr) {
+/// `snapshot` is the one in force at accept; it is let go after the firewall, so a
+/// connection that lives for hours does not keep an old configuration alive (HTTP
+/// requests load the current one each time).
+pub(super) async fn run(
+    accepted: Accepted,
+    snapshot: Arc<Snapshot>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(peer);
     let config = accepted.listener.config.clone();
@@ -84,7 +91,9 @@ pub(super) async fn run(accepted: Accepted, mut stream: TcpStream, peer: SocketA
         }
     }
 
-    if firewall_blocks(&accepted, client) {
+    let blocked = firewall_blocks(&accepted, &snapshot, client);
+    drop(snapshot);
+    if blocked {
         return refuse(&accepted, stream, client, Refusal::Firewall);
     }
 
@@ -191,9 +200,9 @@ async fn serve_tls(
 }
 
 /// The global rules first, then the listener's; the firewall counts and logs the block.
-fn firewall_blocks(accepted: &Accepted, client: SocketAddr) -> bool {
+fn firewall_blocks(accepted: &Accepted, snapshot: &Snapshot, client: SocketAddr) -> bool {
     let name = &accepted.listener.config.name;
-    let global = accepted.snapshot.firewall.as_ref();
+    let global = snapshot.firewall.as_ref();
     [global, accepted.listener.firewall.as_ref()]
         .into_iter()
         .flatten()
