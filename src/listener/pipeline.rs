@@ -109,13 +109,24 @@ pub(super) async fn run(
             info.redirect_https = config.redirect_https.clone();
             serve_http(&accepted, Prefixed::new(buffered, stream), info).await;
         }
+        // Boxed: every connection task is as large as its largest branch, and the TLS and
+        // relay states (rustls buffers, splice pipes) would otherwise make plain HTTP
+        // connections pay for them.
         ListenerProtocol::Tcp => {
             if let Some(target) = &accepted.listener.relay {
-                relay_to(&accepted, target, stream, buffered, client, destination).await;
+                Box::pin(relay_to(
+                    &accepted,
+                    target,
+                    stream,
+                    buffered,
+                    client,
+                    destination,
+                ))
+                .await;
             }
         }
         ListenerProtocol::Tls => {
-            serve_tls(&accepted, stream, buffered, info).await;
+            Box::pin(serve_tls(&accepted, stream, buffered, info)).await;
         }
     }
 }
