@@ -28,6 +28,8 @@ pub enum GatewayError {
     Listener(#[from] ListenerError),
     #[error("cannot open the access log: {0}")]
     AccessLog(std::io::Error),
+    #[error(transparent)]
+    Tracing(crate::telemetry::otlp::OtlpError),
     #[error("cannot start the demo upstream on {bind}: {source}")]
     Demo {
         bind: String,
@@ -66,10 +68,19 @@ impl Gateway {
             };
         let access_log = AccessLog::start(&config.access_log).map_err(GatewayError::AccessLog)?;
         let listener_configs = config.listeners.clone();
+        let config_tracing = config.tracing.clone();
         let publisher = Arc::new(Publisher::new(config)?);
+        let spans = match &config_tracing.otlp_endpoint {
+            Some(url) if config_tracing.enabled => Some(Arc::new(
+                crate::telemetry::otlp::Exporter::start(url, config_tracing.export_interval.0)
+                    .map_err(GatewayError::Tracing)?,
+            )),
+            _ => None,
+        };
         let proxy = Arc::new(Proxy {
             publisher: publisher.clone(),
             access_log,
+            spans,
             tunnels: TaskTracker::new(),
         });
         let mut listeners = Listeners::new(proxy.clone());
@@ -102,8 +113,16 @@ impl Gateway {
     /// listeners that left. Returns the new snapshot version.
     pub fn apply(&self, config: Config) -> Result<u64, GatewayError> {
         let current = self.publisher.load();
-        if current.config.access_log != config.access_log || current.config.demo != config.demo {
-            tracing::warn!("access_log and demo changes take effect at the next restart");
+        if current.config.access_log != config.access_log
+            || current.config.demo != config.demo
+            || current.config.metrics.bind != config.metrics.bind
+            || current.config.metrics.require_token != config.metrics.require_token
+            || current.config.tracing.otlp_endpoint != config.tracing.otlp_endpoint
+            || current.config.tracing.export_interval != config.tracing.export_interval
+        {
+            tracing::warn!(
+                "access_log, demo, metrics.bind, metrics.require_token, tracing.otlp_endpoint and tracing.export_interval changes take effect at the next restart"
+            );
         }
         let listener_configs = config.listeners.clone();
         let mut listeners = self.listeners.lock();
@@ -112,6 +131,24 @@ impl Gateway {
         listeners.activate(pending, &listener_configs);
         tracing::info!(version = snapshot.version, "configuration applied");
         Ok(snapshot.version)
+    }
+
+    /// The metrics registry (SPEC OPS-1).
+    pub fn metrics(&self) -> &Arc<crate::telemetry::Metrics> {
+        &self.publisher.registries.metrics
+    }
+
+    /// The Prometheus exposition; `config_version` is the stored version running.
+    pub fn render_metrics(&self, config_version: u64) -> String {
+        let scrape = crate::telemetry::Scrape {
+            config_version,
+            snapshot_version: self.version(),
+            draining: self.is_draining(),
+            listeners: self.listeners.lock().all_stats(),
+            firewall: Some(self.firewall_stats()),
+            access_log_dropped: self.proxy.access_log.dropped(),
+        };
+        self.metrics().render(&scrape)
     }
 
     pub fn version(&self) -> u64 {
@@ -202,6 +239,10 @@ impl Gateway {
         let tunnels_done = tokio::time::timeout_at(deadline, self.proxy.tunnels.wait())
             .await
             .is_ok();
+        // Last stage (SPEC OPS-6): nothing is in flight any more, so the pooled keep-alive
+        // connections to the backends are closed instead of left to the process exit.
+        let closed = self.publisher.registries.upstreams.close_idle();
+        tracing::info!(closed, "idle upstream connections closed");
         sockets_closed && connections_done && tunnels_done
     }
 }

@@ -177,6 +177,15 @@ fn serve(config: Config, path: Option<PathBuf>, workers: Option<usize>) -> ExitC
 }
 
 fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<bool> {
+    // Sockets from the process this one replaces (SIGUSR2 upgrade), before any thread starts.
+    let inherited = gatehouse::ops::upgrade::receive_from_env()
+        .context("cannot take over the previous process's sockets")?;
+    if inherited > 0 {
+        tracing::info!(
+            sockets = inherited,
+            "upgrade: took over the listening sockets"
+        );
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers.max(1))
         .thread_name("gatehouse-worker")
@@ -186,6 +195,7 @@ fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<
     runtime.block_on(async {
         let control = Control::start(config, path).await?;
         gatehouse::control::admin::start(control.clone()).await?;
+        gatehouse::control::admin::start_metrics(control.clone()).await?;
         tracing::info!(workers, "runtime started");
         let clean = gatehouse::ops::run_until_stopped_with(control.gateway(), &|| {
             gatehouse::control::reload_and_log(&control)

@@ -67,7 +67,12 @@ impl Format {
 
 /// Environment variables with the `GATEHOUSE_` prefix that are command-line settings,
 /// not config overrides.
-const RESERVED_ENV: &[&str] = &["GATEHOUSE_CONFIG", "GATEHOUSE_LOG"];
+const RESERVED_ENV: &[&str] = &[
+    "GATEHOUSE_CONFIG",
+    "GATEHOUSE_LOG",
+    crate::ops::upgrade::FD_ENV,
+    crate::ops::upgrade::BINARY_ENV,
+];
 
 /// Reads, overrides from the process environment, and validates a config file.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
@@ -167,6 +172,8 @@ const SECTIONS: &[&str] = &[
     "drain_timeout",
     "log",
     "access_log",
+    "metrics",
+    "tracing",
     "http",
     "tls",
     "acme",
@@ -518,6 +525,8 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             }
             "log" => config.log = section(value, &key, errors).unwrap_or_default(),
             "access_log" => config.access_log = section(value, &key, errors).unwrap_or_default(),
+            "metrics" => config.metrics = section(value, &key, errors).unwrap_or_default(),
+            "tracing" => config.tracing = section(value, &key, errors).unwrap_or_default(),
             "http" => config.http = section(value, &key, errors).unwrap_or_default(),
             "tls" => config.tls = section(value, &key, errors).unwrap_or_default(),
             "acme" => config.acme = section(value, &key, errors).unwrap_or_default(),

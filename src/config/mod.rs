@@ -34,6 +34,10 @@ pub struct Config {
     pub drain_timeout: DrainTimeout,
     pub log: LogConfig,
     pub access_log: AccessLogConfig,
+    /// Prometheus metrics (SPEC OPS-1): on the admin listener and/or their own.
+    pub metrics: MetricsConfig,
+    /// W3C trace context propagation (SPEC OPS-3).
+    pub tracing: TracingConfig,
     pub http: HttpConfig,
     /// Certificates for TLS listeners (SPEC TLS-2).
     pub tls: TlsConfig,
@@ -108,17 +112,103 @@ pub struct AccessLogConfig {
     pub enabled: bool,
     /// A file path, or `"stdout"`.
     pub path: String,
+    /// `json` (one object per line) or `logfmt` (`key=value` pairs).
+    pub format: AccessLogFormat,
+    /// Query parameters whose values are replaced by `REDACTED` in the logged query
+    /// (names compared case-insensitively, after percent-decoding).
+    pub redact_query: Vec<String>,
     /// Lines buffered between the request path and the writer; when full, lines are
     /// dropped and counted rather than blocking requests.
     pub buffer_lines: usize,
 }
+
+/// The default `access_log.redact_query`: parameter names that commonly carry secrets.
+pub const DEFAULT_REDACTED_QUERY: [&str; 8] = [
+    "access_token",
+    "api_key",
+    "apikey",
+    "password",
+    "secret",
+    "signature",
+    "token",
+    "x-amz-signature",
+];
 
 impl Default for AccessLogConfig {
     fn default() -> Self {
         AccessLogConfig {
             enabled: true,
             path: "stdout".into(),
+            format: AccessLogFormat::Json,
+            redact_query: DEFAULT_REDACTED_QUERY.map(String::from).to_vec(),
             buffer_lines: 65_536,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogFormat {
+    #[default]
+    Json,
+    Logfmt,
+}
+
+/// Prometheus metrics (SPEC OPS-1).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `GET /metrics` (on the admin listener, and on `bind` when set).
+    pub enabled: bool,
+    /// An extra plain-HTTP listener (`ip:port`) that serves only `/metrics` (and
+    /// `/healthz`), e.g. for a Prometheus that must not reach the admin API. Bound at start.
+    pub bind: Option<String>,
+    /// Require a bearer token (any `admin.tokens` entry, read scope is enough) for
+    /// `/metrics`. Off by default: metrics carry no secrets and scrapers are often
+    /// configured without credentials.
+    pub require_token: bool,
+    /// Distinct (route, pool) label sets; more fold into `route="other"`.
+    pub max_routes: usize,
+    /// Distinct (pool, endpoint) label sets; more fold into `endpoint="other"`.
+    pub max_endpoints: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            bind: None,
+            require_token: false,
+            max_routes: crate::telemetry::metrics::DEFAULT_MAX_ROUTES,
+            max_endpoints: crate::telemetry::metrics::DEFAULT_MAX_ENDPOINTS,
+        }
+    }
+}
+
+/// W3C Trace Context (SPEC OPS-3).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// Send a `traceparent` upstream on every forwarded request: the client's trace
+    /// continued, or a new one.
+    pub enabled: bool,
+    /// The share of new traces marked sampled (0.0–1.0). A continued trace keeps the
+    /// caller's decision.
+    pub sample_ratio: f64,
+    /// Export the spans of sampled requests over OTLP/HTTP (JSON) to this URL, e.g.
+    /// `http://127.0.0.1:4318/v1/traces`. None: no export. Set at start.
+    pub otlp_endpoint: Option<String>,
+    /// How often queued spans are sent.
+    pub export_interval: Dur,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            enabled: false,
+            sample_ratio: 1.0,
+            otlp_endpoint: None,
+            export_interval: Dur::secs(1),
         }
     }
 }

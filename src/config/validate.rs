@@ -43,6 +43,19 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
     if config.access_log.path.trim().is_empty() {
         errors.push("access_log.path", "must be a file path or \"stdout\"");
     }
+    validate_metrics(config, &mut errors);
+    let ratio = config.tracing.sample_ratio;
+    if !(0.0..=1.0).contains(&ratio) {
+        errors.push("tracing.sample_ratio", "must be between 0.0 and 1.0");
+    }
+    if let Some(url) = &config.tracing.otlp_endpoint {
+        if let Err(err) = crate::telemetry::otlp::check_endpoint(url) {
+            errors.push("tracing.otlp_endpoint", err.to_string());
+        }
+    }
+    if config.tracing.export_interval.0.is_zero() {
+        errors.push("tracing.export_interval", "must be more than 0s");
+    }
     if http::HeaderName::from_bytes(config.http.request_id_header.as_bytes()).is_err() {
         errors.push(
             "http.request_id_header",
@@ -591,6 +604,50 @@ fn check_regex(pattern: &str, path: &str, errors: &mut Errors) {
         let last_line = report.lines().last().unwrap_or("invalid").trim();
         let reason = last_line.strip_prefix("error: ").unwrap_or(last_line);
         errors.push(path, format!("invalid regex {pattern:?}: {reason}"));
+    }
+}
+
+/// The metrics section (SPEC OPS-1).
+fn validate_metrics(config: &Config, errors: &mut Errors) {
+    let metrics = &config.metrics;
+    if metrics.max_routes == 0 {
+        errors.push("metrics.max_routes", "must be at least 1");
+    }
+    if metrics.max_endpoints == 0 {
+        errors.push("metrics.max_endpoints", "must be at least 1");
+    }
+    let has_tokens = config
+        .admin
+        .as_ref()
+        .is_some_and(|admin| !admin.tokens.is_empty());
+    if metrics.require_token && !has_tokens {
+        errors.push(
+            "metrics.require_token",
+            "needs at least one admin.tokens entry to check the token against",
+        );
+    }
+    if let Some(bind) = &metrics.bind {
+        if let Some(addr) = check_socket_addr(bind, "metrics.bind", errors) {
+            if addr.port() != 0 {
+                let clash = config
+                    .listeners
+                    .iter()
+                    .position(|listener| listener.bind.parse::<SocketAddr>() == Ok(addr));
+                if let Some(index) = clash {
+                    errors.push(
+                        "metrics.bind",
+                        format!("{addr} is also listeners[{index}].bind"),
+                    );
+                }
+                if config
+                    .admin
+                    .as_ref()
+                    .is_some_and(|admin| admin.bind.parse::<SocketAddr>() == Ok(addr))
+                {
+                    errors.push("metrics.bind", format!("{addr} is also admin.bind"));
+                }
+            }
+        }
     }
 }
 

@@ -183,6 +183,8 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Byt
 enum Endpoint {
     Healthz,
     Ready,
+    /// Prometheus exposition; its scope depends on `metrics.require_token`.
+    Metrics,
     GetConfig,
     PutConfig,
     Validate,
@@ -197,7 +199,7 @@ enum Endpoint {
 impl Endpoint {
     fn scope(&self) -> Option<AdminScope> {
         match self {
-            Endpoint::Healthz | Endpoint::Ready => None,
+            Endpoint::Healthz | Endpoint::Ready | Endpoint::Metrics => None,
             Endpoint::GetConfig
             | Endpoint::Versions
             | Endpoint::Version(_)
@@ -225,6 +227,7 @@ fn route(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
     match segments.as_slice() {
         ["healthz"] => only("GET", Method::GET, Endpoint::Healthz),
         ["ready"] => only("GET", Method::GET, Endpoint::Ready),
+        ["metrics"] => only("GET", Method::GET, Endpoint::Metrics),
         ["status"] => only("GET", Method::GET, Endpoint::Status),
         ["audit"] => only("GET", Method::GET, Endpoint::Audit),
         ["config"] => match *method {
@@ -259,6 +262,10 @@ fn parse_version(text: &str) -> Result<i64, ApiError> {
 struct Admin {
     control: Arc<Control>,
     auth: Auth,
+    /// The separate `metrics.bind` listener: only `/metrics` and `/healthz`.
+    metrics_only: bool,
+    /// `metrics.require_token`, as at start.
+    metrics_token: bool,
 }
 
 /// Where the admin API listens.
@@ -283,14 +290,27 @@ pub async fn start(control: Arc<Control>) -> Result<(), AdminError> {
         source,
     };
     let auth = Auth::new(&config);
+    let inherited = crate::ops::upgrade::take("admin");
     let listener = match config.bind.strip_prefix(UNIX_PREFIX) {
         Some(path) => {
-            let listener = bind_unix(Path::new(path)).map_err(bind_error)?;
+            let listener = match inherited {
+                Some(fd) => crate::ops::upgrade::unix_listener(fd)
+                    .and_then(UnixListener::from_std)
+                    .map_err(bind_error)?,
+                None => bind_unix(Path::new(path)).map_err(bind_error)?,
+            };
+            crate::ops::upgrade::register("admin", std::os::fd::AsRawFd::as_raw_fd(&listener));
             tracing::info!(name = %"admin", path = %path, "listener bound");
             AdminListener::Unix(listener)
         }
         None => {
-            let listener = TcpListener::bind(&config.bind).await.map_err(bind_error)?;
+            let listener = match inherited {
+                Some(fd) => crate::ops::upgrade::tcp_listener(fd)
+                    .and_then(TcpListener::from_std)
+                    .map_err(bind_error)?,
+                None => TcpListener::bind(&config.bind).await.map_err(bind_error)?,
+            };
+            crate::ops::upgrade::register("admin", std::os::fd::AsRawFd::as_raw_fd(&listener));
             let local = listener.local_addr().map_err(bind_error)?;
             if auth.is_open() {
                 tracing::warn!(addr = %local, "admin API has no tokens: every local client may change the config");
@@ -299,8 +319,52 @@ pub async fn start(control: Arc<Control>) -> Result<(), AdminError> {
             AdminListener::Tcp(listener)
         }
     };
-    let admin = Arc::new(Admin { control, auth });
+    let metrics_token = control.current().config.metrics.require_token;
+    let admin = Arc::new(Admin {
+        control,
+        auth,
+        metrics_only: false,
+        metrics_token,
+    });
     tokio::spawn(accept_loop(admin, listener));
+    Ok(())
+}
+
+/// Binds `metrics.bind` when set: a listener that serves only `/metrics` (and `/healthz`),
+/// with the admin API's tokens when `metrics.require_token` is on. Logs
+/// `listener bound name=metrics addr=…`.
+pub async fn start_metrics(control: Arc<Control>) -> Result<(), AdminError> {
+    let metrics = control.current().config.metrics.clone();
+    let Some(bind) = metrics.bind.clone().filter(|_| metrics.enabled) else {
+        return Ok(());
+    };
+    let bind_error = |source| AdminError::Bind {
+        address: bind.clone(),
+        source,
+    };
+    let listener = match crate::ops::upgrade::take("metrics") {
+        Some(fd) => crate::ops::upgrade::tcp_listener(fd)
+            .and_then(TcpListener::from_std)
+            .map_err(bind_error)?,
+        None => TcpListener::bind(&bind).await.map_err(bind_error)?,
+    };
+    crate::ops::upgrade::register("metrics", std::os::fd::AsRawFd::as_raw_fd(&listener));
+    let local = listener.local_addr().map_err(bind_error)?;
+    tracing::info!(name = %"metrics", addr = %local, "listener bound");
+    let auth = match control.admin_config() {
+        Some(config) => Auth::new(config),
+        None => Auth::new(&crate::config::AdminConfig {
+            bind: String::new(),
+            tokens: Vec::new(),
+        }),
+    };
+    let admin = Arc::new(Admin {
+        control,
+        auth,
+        metrics_only: true,
+        metrics_token: metrics.require_token,
+    });
+    tokio::spawn(accept_loop(admin, AdminListener::Tcp(listener)));
     Ok(())
 }
 
@@ -389,6 +453,25 @@ where
 }
 
 impl Admin {
+    /// `GET /metrics`: the Prometheus text format (SPEC OPS-1).
+    fn metrics(&self, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, ApiError> {
+        let current = self.control.current();
+        if !current.config.metrics.enabled {
+            return Err(ApiError::NotFound);
+        }
+        if self.metrics_token {
+            self.auth.check(headers, AdminScope::Read)?;
+        }
+        let version = u64::try_from(current.info.version).unwrap_or(0);
+        let text = self.control.gateway().render_metrics(version);
+        let mut response = Response::new(Full::new(Bytes::from(text)));
+        response.headers_mut().insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        Ok(response)
+    }
+
     async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
         match self.dispatch(request).await {
             Ok(response) => response,
@@ -401,6 +484,12 @@ impl Admin {
         request: Request<Incoming>,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let endpoint = route(request.method(), request.uri().path())?;
+        if self.metrics_only && !matches!(endpoint, Endpoint::Metrics | Endpoint::Healthz) {
+            return Err(ApiError::NotFound);
+        }
+        if matches!(endpoint, Endpoint::Metrics) {
+            return self.metrics(request.headers());
+        }
         let caller = match endpoint.scope() {
             Some(scope) => Some(self.auth.check(request.headers(), scope)?),
             None => None,
@@ -408,6 +497,7 @@ impl Admin {
         let control = &self.control;
         match endpoint {
             Endpoint::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+            Endpoint::Metrics => self.metrics(request.headers()),
             Endpoint::Ready => {
                 let draining = control.gateway().is_draining();
                 let status = if draining {

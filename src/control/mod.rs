@@ -305,13 +305,39 @@ impl Control {
     }
 
     /// Applies a config as a new version (see the module comment for the order of writes).
+    /// Counted in `gatehouse_config_reloads_total`, like rollbacks and SIGHUP reloads.
     pub fn apply(&self, config: Config, change: &Change<'_>) -> Result<Outcome, ControlError> {
+        let result = self.apply_unrecorded(config, change);
+        self.record(&result);
+        result
+    }
+
+    fn apply_unrecorded(
+        &self,
+        config: Config,
+        change: &Change<'_>,
+    ) -> Result<Outcome, ControlError> {
         let mut store = self.store.lock();
         self.apply_locked(&mut store, config, change)
     }
 
+    /// Counts a config change attempt and its result for the metrics.
+    fn record<T>(&self, result: &Result<T, ControlError>) {
+        self.gateway.metrics().reload(result.is_ok());
+    }
+
     /// Applies the config of a stored version as a new version.
     pub fn rollback(&self, version: i64, change: &Change<'_>) -> Result<Outcome, ControlError> {
+        let result = self.rollback_unrecorded(version, change);
+        self.record(&result);
+        result
+    }
+
+    fn rollback_unrecorded(
+        &self,
+        version: i64,
+        change: &Change<'_>,
+    ) -> Result<Outcome, ControlError> {
         let mut store = self.store.lock();
         let (_, json) = store
             .get(version)?
@@ -324,6 +350,12 @@ impl Control {
 
     /// SIGHUP: in file mode, re-read the file and apply it; in store mode, refuse.
     pub fn reload(&self) -> Result<Outcome, ControlError> {
+        let result = self.reload_unrecorded();
+        self.record(&result);
+        result
+    }
+
+    fn reload_unrecorded(&self) -> Result<Outcome, ControlError> {
         if self.mode() == StoreMode::Store {
             return Err(ControlError::ReloadInStoreMode);
         }
@@ -336,7 +368,7 @@ impl Control {
             tracing::warn!("store and admin changes take effect at the next restart");
             self.bootstrap.pin(&mut config);
         }
-        let outcome = self.apply(
+        let outcome = self.apply_unrecorded(
             config,
             &Change {
                 actor: "file",

@@ -15,7 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use crate::telemetry::LogGuard;
+use crate::telemetry::{LogGuard, RequestObserver, RouteMetrics};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -141,6 +141,18 @@ pub struct RequestBody {
     seen: u64,
     timers: Timers,
     progress: Option<BodyProgress>,
+    /// The route whose `bytes_in` counter gets this body's size when it is dropped.
+    counter: Option<Arc<RouteMetrics>>,
+    /// The access-log record's request-bytes counter, kept current frame by frame.
+    log_bytes: Option<Arc<AtomicU64>>,
+}
+
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        if let (Some(counter), seen @ 1..) = (&self.counter, self.seen) {
+            counter.bytes_in.fetch_add(seen, Ordering::Relaxed);
+        }
+    }
 }
 
 impl RequestBody {
@@ -152,7 +164,21 @@ impl RequestBody {
             seen: 0,
             timers,
             progress: None,
+            counter: None,
+            log_bytes: None,
         }
+    }
+
+    /// Adds each frame's bytes to `counter` as it passes (the access log's `bytes_in`).
+    pub fn report_bytes_to(mut self, counter: Arc<AtomicU64>) -> RequestBody {
+        self.log_bytes = Some(counter);
+        self
+    }
+
+    /// Adds the bytes this body carried to `route`'s request-bytes counter when dropped.
+    pub fn count_into(mut self, route: Arc<RouteMetrics>) -> RequestBody {
+        self.counter = Some(route);
+        self
     }
 
     pub fn empty() -> RequestBody {
@@ -163,6 +189,8 @@ impl RequestBody {
             seen: 0,
             timers: Timers::new(None, None),
             progress: None,
+            counter: None,
+            log_bytes: None,
         }
     }
 
@@ -199,6 +227,9 @@ impl RequestBody {
     fn count(&mut self, frame: &Frame<Bytes>) -> Result<(), BodyError> {
         if let Some(data) = frame.data_ref() {
             self.seen += data.len() as u64;
+            if let Some(counter) = &self.log_bytes {
+                counter.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
             if let Some(limit) = self.limit {
                 if self.seen > limit {
                     return Err(BodyError::TooLarge { limit });
@@ -281,6 +312,7 @@ pub struct ResponseBody {
     source: Source,
     timers: Timers,
     log: Option<LogGuard>,
+    observer: Option<RequestObserver>,
     /// End a failed stream with gRPC status trailers instead of an error (a reset).
     grpc: bool,
 }
@@ -291,6 +323,7 @@ impl ResponseBody {
             source: Source::Empty,
             timers: Timers::new(None, None),
             log: None,
+            observer: None,
             grpc: false,
         }
     }
@@ -300,6 +333,7 @@ impl ResponseBody {
             source: Source::Full(Some(bytes.into())),
             timers: Timers::new(None, None),
             log: None,
+            observer: None,
             grpc: false,
         }
     }
@@ -309,6 +343,7 @@ impl ResponseBody {
             source: Source::Upstream(body),
             timers,
             log: None,
+            observer: None,
             grpc: false,
         }
     }
@@ -321,6 +356,12 @@ impl ResponseBody {
         self
     }
 
+    /// Attaches the request's metrics; they are recorded when this body ends or is dropped.
+    pub fn with_observer(mut self, observer: RequestObserver) -> ResponseBody {
+        self.observer = Some(observer);
+        self
+    }
+
     /// Attaches the access-log record; it is written when this body ends or is dropped.
     pub fn with_log(mut self, log: LogGuard) -> ResponseBody {
         self.log = Some(log);
@@ -329,6 +370,7 @@ impl ResponseBody {
 
     fn finish(&mut self, error: Option<&BodyError>) {
         self.source = Source::Empty;
+        self.observer = None;
         if let Some(mut log) = self.log.take() {
             if let Some(error) = error {
                 log.body_error(error);
@@ -364,8 +406,14 @@ impl Body for ResponseBody {
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timers.touch();
-                if let (Some(data), Some(log)) = (frame.data_ref(), this.log.as_mut()) {
-                    log.add_bytes_out(data.len() as u64);
+                if let Some(data) = frame.data_ref() {
+                    let bytes = data.len() as u64;
+                    if let Some(log) = this.log.as_mut() {
+                        log.add_bytes_out(bytes);
+                    }
+                    if let Some(observer) = this.observer.as_mut() {
+                        observer.add_bytes_out(bytes);
+                    }
                 }
                 if matches!(this.source, Source::Full(None)) {
                     this.finish(None);

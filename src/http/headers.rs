@@ -214,6 +214,7 @@ mod tests {
             add_forwarded: false,
             add_via: false,
             hide_upstream_server: false,
+            tracing: None,
         }
     }
 

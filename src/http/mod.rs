@@ -39,6 +39,8 @@ pub struct ConnInfo {
 
 pub struct TlsInfo {
     pub sni: Option<Arc<str>>,
+    /// The negotiated version, e.g. `TLSv1.3`.
+    pub version: Option<&'static str>,
     /// Subject of the client certificate rustls verified, if the client sent one.
     pub client_subject: Option<Arc<str>>,
 }
@@ -88,6 +90,8 @@ pub async fn serve_connection<S>(
         listener: listener.clone(),
         scheme: if info.tls.is_some() { "https" } else { "http" },
         requests: AtomicU64::new(0),
+        tls_version: info.tls.as_ref().and_then(|tls| tls.version),
+        sni: info.tls.as_ref().and_then(|tls| tls.sni.clone()),
         client_subject: info.tls.and_then(|tls| tls.client_subject),
         client_cert_header: info.client_cert_header,
         redirect_https: info.redirect_https,

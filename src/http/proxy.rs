@@ -27,7 +27,10 @@ use super::headers::{self, ForwardInfo};
 use crate::config::{ListenerConfig, UpstreamProtocol};
 use crate::route::{normalize_host, RequestFacts};
 use crate::snapshot::{Action, PathRewrite, Publisher, Route, Snapshot};
-use crate::telemetry::{AccessLog, AccessRecord, LogGuard};
+use crate::telemetry::metrics::{self, UpstreamFailure};
+use crate::telemetry::otlp::{self, PendingTrace, SpanKind};
+use crate::telemetry::trace::{TraceContext, TRACEPARENT};
+use crate::telemetry::{AccessLog, AccessRecord, LogGuard, RequestObserver, RouteMetrics};
 use crate::upstream::{ClientAddrs, UpstreamError};
 
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -36,6 +39,8 @@ const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 pub struct Proxy {
     pub publisher: Arc<Publisher>,
     pub access_log: AccessLog,
+    /// Span export (`tracing.otlp_endpoint`); none when off.
+    pub spans: Option<Arc<otlp::Exporter>>,
     /// Upgraded tunnels (WebSocket) outlive their HTTP connection; drain waits for them.
     pub tunnels: TaskTracker,
 }
@@ -50,6 +55,9 @@ pub struct Connection {
     pub listener_name: Arc<str>,
     pub scheme: &'static str,
     pub requests: AtomicU64,
+    /// Negotiated TLS version and the client's SNI, on terminated TLS (for the log).
+    pub tls_version: Option<&'static str>,
+    pub sni: Option<Arc<str>>,
     /// Framing facts hyper does not expose, by request position (HTTP/1 only).
     pub framing: Arc<super::framing::FramingReport>,
     /// Verified client certificate subject (mTLS).
@@ -64,6 +72,12 @@ struct Exchange {
     request_id: HeaderValue,
     grpc: bool,
     log: Option<LogGuard>,
+    /// The matched route's metrics (none: no route matched).
+    metrics: Option<Arc<RouteMetrics>>,
+    /// The request's trace context when `tracing.enabled`.
+    trace: Option<TraceContext>,
+    /// Its spans, when the trace is sampled and spans are exported.
+    spans: Option<PendingTrace>,
 }
 
 impl Proxy {
@@ -74,6 +88,8 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let snapshot = self.publisher.load();
+        let observed_from = std::time::Instant::now();
+        let method = metrics::method_index(request.method());
         let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
         let request_id = request
             .headers()
@@ -82,14 +98,45 @@ impl Proxy {
             .cloned()
             .unwrap_or_else(headers::new_request_id);
         let client_ip = headers::client_ip(conn.peer.ip(), request.headers(), &snapshot.http);
-        let log = self
+        let mut log = self
             .access_log
             .begin(|| begin_record(&conn, &request, &request_id, client_ip));
+        let trace = snapshot
+            .http
+            .tracing
+            .map(|ratio| TraceContext::for_request(request.headers(), ratio));
+        if let (Some(log), Some(trace)) = (log.as_mut(), &trace) {
+            log.record().trace_id = Some(trace.trace_id_hex());
+        }
+        let spans = match (&self.spans, &trace) {
+            (Some(exporter), Some(trace)) if trace.sampled => Some(PendingTrace::new(
+                exporter.clone(),
+                otlp::Span {
+                    trace_id: trace.trace_id,
+                    span_id: trace.span_id,
+                    parent_id: trace.parent_id,
+                    name: "gatehouse.request",
+                    kind: SpanKind::Server,
+                    start_nanos: otlp::now_nanos(),
+                    end_nanos: 0,
+                    attributes: vec![
+                        ("http.request.method", request.method().as_str().to_owned()),
+                        ("url.path", request.uri().path().to_owned()),
+                        ("gatehouse.listener", conn.listener_name.to_string()),
+                    ],
+                    error: false,
+                },
+            )),
+            _ => None,
+        };
         let mut exchange = Exchange {
             grpc: is_grpc(request.headers()),
             snapshot,
             request_id,
             log,
+            metrics: None,
+            trace,
+            spans,
         };
         let started = Instant::now();
         // hyper dropped Content-Length from this request and kept Transfer-Encoding, so
@@ -130,12 +177,32 @@ impl Proxy {
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
-        if let Some(mut log) = exchange.log.take() {
-            log.record().status = response.status().as_u16();
-            let (parts, body) = response.into_parts();
-            response = Response::from_parts(parts, body.with_log(log));
+        let route_metrics = exchange
+            .metrics
+            .take()
+            .unwrap_or_else(|| self.publisher.registries.metrics.unmatched());
+        let mut spans = exchange.spans.take();
+        if let Some(spans) = spans.as_mut() {
+            let status = response.status();
+            let root = spans.root_mut();
+            root.attributes
+                .push(("http.response.status_code", status.as_str().to_owned()));
+            root.error = status.is_server_error();
         }
-        Ok(response)
+        let observer = RequestObserver::new(
+            route_metrics,
+            method,
+            response.status().as_u16(),
+            observed_from,
+        )
+        .with_trace(spans);
+        let (parts, mut body) = response.into_parts();
+        body = body.with_observer(observer);
+        if let Some(mut log) = exchange.log.take() {
+            log.record().status = parts.status.as_u16();
+            body = body.with_log(log);
+        }
+        Ok(Response::from_parts(parts, body))
     }
 
     async fn route_and_forward(
@@ -178,8 +245,28 @@ impl Proxy {
             headers: request.headers(),
             client_ip,
         };
-        let index = snapshot.router.lookup(&facts).ok_or(ProxyError::NoRoute)?;
+        let match_started = otlp::now_nanos();
+        let found = snapshot.router.lookup(&facts);
+        if let Some(spans) = exchange.spans.as_mut() {
+            let route = found.map_or("none".to_owned(), |index| {
+                snapshot.routes[index].name.to_string()
+            });
+            spans
+                .root_mut()
+                .attributes
+                .push(("gatehouse.route", route.clone()));
+            spans.child(
+                "route_match",
+                SpanKind::Internal,
+                otlp::new_span_id(),
+                match_started,
+                vec![("gatehouse.route", route)],
+                found.is_none(),
+            );
+        }
+        let index = found.ok_or(ProxyError::NoRoute)?;
         let route = &snapshot.routes[index];
+        exchange.metrics = Some(route.metrics.clone());
         if let Some(log) = exchange.log.as_mut() {
             log.record().route = Some(route.name.clone());
         }
@@ -260,7 +347,11 @@ impl Proxy {
             .map(|d| started + d);
         let chunked = parts.headers.contains_key(TRANSFER_ENCODING);
         let mut body =
-            RequestBody::new(body, body_limit, Timers::new(route.timeouts.idle, deadline));
+            RequestBody::new(body, body_limit, Timers::new(route.timeouts.idle, deadline))
+                .count_into(route.metrics.clone());
+        if let Some(log) = exchange.log.as_ref() {
+            body = body.report_bytes_to(log.bytes_in_counter());
+        }
         if chunked && downstream_version <= Version::HTTP_11 {
             let wait = route.timeouts.idle.unwrap_or(Duration::from_secs(60));
             match tokio::time::timeout(wait, body.peek_first()).await {
@@ -293,7 +384,24 @@ impl Proxy {
             parts.headers.insert(UPGRADE, protocol.clone());
         }
 
-        let endpoint = pool.pick()?;
+        let select_started = otlp::now_nanos();
+        let picked = pool.pick();
+        if let Some(spans) = exchange.spans.as_mut() {
+            let mut attributes = vec![("gatehouse.pool", pool.name.to_string())];
+            if let Ok(endpoint) = &picked {
+                attributes.push(("gatehouse.endpoint", endpoint.address.to_string()));
+            }
+            spans.child(
+                "upstream_select",
+                SpanKind::Internal,
+                otlp::new_span_id(),
+                select_started,
+                attributes,
+                picked.is_err(),
+            );
+        }
+        let endpoint = picked?;
+        endpoint.metrics.attempts.fetch_add(1, Ordering::Relaxed);
         if let Some(log) = exchange.log.as_mut() {
             log.record().pool = Some(pool.name.clone());
             log.record().endpoint = Some(endpoint.address.clone());
@@ -321,6 +429,16 @@ impl Proxy {
             &snapshot.http.request_id_header,
             exchange.request_id.clone(),
         );
+        // Each attempt is its own client span: the upstream's parent.
+        let attempt_span = otlp::new_span_id();
+        if let Some(trace) = &exchange.trace {
+            let value = if exchange.spans.is_some() {
+                trace.header_value_with_parent(attempt_span)
+            } else {
+                trace.header_value()
+            };
+            parts.headers.insert(&TRACEPARENT, value);
+        }
         if let Some(header) = &conn.client_cert_header {
             parts.headers.remove(header);
             if let Some(value) = conn
@@ -361,6 +479,7 @@ impl Proxy {
         let progress = body.track_progress();
         let upstream_request = Request::from_parts(parts, body);
         let sent_at = Instant::now();
+        let attempt_started = otlp::now_nanos();
         let response = response_head(
             endpoint.connections.send(
                 upstream_request,
@@ -374,9 +493,39 @@ impl Proxy {
             route.timeouts.response_header,
             deadline,
         )
-        .await?;
+        .await;
+        if let Some(spans) = exchange.spans.as_mut() {
+            let mut attributes = vec![
+                ("gatehouse.pool", pool.name.to_string()),
+                ("server.address", endpoint.address.to_string()),
+            ];
+            match &response {
+                Ok(response) => attributes.push((
+                    "http.response.status_code",
+                    response.status().as_str().to_owned(),
+                )),
+                Err(error) => attributes.push(("error.type", error.code().to_owned())),
+            }
+            spans.child(
+                "upstream_attempt",
+                SpanKind::Client,
+                attempt_span,
+                attempt_started,
+                attributes,
+                response
+                    .as_ref()
+                    .map_or(true, |r| r.status().is_server_error()),
+            );
+        }
+        let response = response.inspect_err(|error| {
+            if let Some(kind) = upstream_failure(error) {
+                endpoint.metrics.failed(kind);
+            }
+        })?;
+        let upstream_elapsed = sent_at.elapsed();
+        endpoint.metrics.response.observe(upstream_elapsed);
         if let Some(log) = exchange.log.as_mut() {
-            log.record().upstream_ms = Some(sent_at.elapsed().as_secs_f64() * 1000.0);
+            log.record().upstream_ms = Some(upstream_elapsed.as_secs_f64() * 1000.0);
         }
 
         let (mut parts, body) = response.into_parts();
@@ -446,6 +595,26 @@ async fn response_head(
     }
 }
 
+/// How an upstream attempt failed, for `gatehouse_upstream_errors_total`; none when the
+/// client's side (its request body) ended the exchange.
+fn upstream_failure(error: &ProxyError) -> Option<UpstreamFailure> {
+    match error {
+        ProxyError::Upstream(UpstreamError::ResponseTimeout(_))
+        | ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
+            Some(UpstreamFailure::Timeout)
+        }
+        ProxyError::Upstream(
+            UpstreamError::Connect { .. }
+            | UpstreamError::Handshake { .. }
+            | UpstreamError::Tls { .. },
+        ) => Some(UpstreamFailure::Connect),
+        ProxyError::Upstream(_) | ProxyError::Body(super::body::BodyError::Upstream(_)) => {
+            Some(UpstreamFailure::Request)
+        }
+        _ => None,
+    }
+}
+
 /// The answer of a listener that only redirects to HTTPS: same host (its port replaced),
 /// path and query.
 fn https_redirect(
@@ -502,6 +671,8 @@ fn begin_record<B>(
             Version::HTTP_2 => "HTTP/2",
             _ => "HTTP/1.1",
         },
+        tls_version: conn.tls_version,
+        sni: conn.sni.clone(),
         method: request.method().as_str().to_owned(),
         host: request_host(request).unwrap_or_default().to_owned(),
         path: request.uri().path().to_owned(),

@@ -49,6 +49,8 @@ pub struct ListenerStats {
     pub rejected_client_hello: AtomicU64,
     pub rejected_plaintext: AtomicU64,
     pub rejected_unknown_sni: AtomicU64,
+    /// TLS handshakes completed on terminated TLS.
+    pub tls_handshakes: AtomicU64,
     pub failed_handshakes: AtomicU64,
     pub failed_upstream: AtomicU64,
     pub relays: AtomicU64,
@@ -164,6 +166,7 @@ impl Listeners {
             .cloned()
             .collect();
         for name in removed {
+            crate::ops::upgrade::unregister(&upgrade_name(&name));
             if let Some(running) = self.running.remove(&name) {
                 running.stop.cancel();
                 tracing::info!(name = %name, addr = %running.local_addr, "listener stopped");
@@ -183,6 +186,10 @@ impl Listeners {
                 continue;
             };
             let stop = CancellationToken::new();
+            crate::ops::upgrade::register(
+                &upgrade_name(&config.name),
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+            );
             let stats = self.stats.entry(config.name.clone()).or_default().clone();
             tracing::info!(name = %config.name, addr = %local_addr, "listener bound");
             let conns = Connections {
@@ -212,7 +219,8 @@ impl Listeners {
     /// Stops accepting everywhere (the sockets close, so new connections are refused) and
     /// asks every open connection to finish its in-flight work and close.
     pub fn stop_all(&mut self) -> Stopping {
-        for (_, running) in self.running.drain() {
+        for (name, running) in self.running.drain() {
+            crate::ops::upgrade::unregister(&upgrade_name(&name));
             running.stop.cancel();
         }
         self.drain.cancel();
@@ -235,6 +243,17 @@ impl Listeners {
         self.stats.get(name).cloned()
     }
 
+    /// Every listener's counters, sorted by name (for metrics).
+    pub fn all_stats(&self) -> Vec<(String, Arc<ListenerStats>)> {
+        let mut all: Vec<_> = self
+            .stats
+            .iter()
+            .map(|(name, stats)| (name.clone(), stats.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
     /// Changes a listener's connection limit now (0: unlimited). Connections already open
     /// stay; the next config applied sets the limit it names. Returns false for an unknown
     /// listener.
@@ -249,7 +268,22 @@ impl Listeners {
     }
 }
 
+/// The name a listener's socket is handed over under in an upgrade.
+fn upgrade_name(name: &str) -> String {
+    format!("listener:{name}")
+}
+
 fn bind(config: &ListenerConfig) -> std::io::Result<TcpListener> {
+    // A socket the previous process handed over (binary upgrade) is used as it is.
+    if let Some(fd) = crate::ops::upgrade::take(&upgrade_name(&config.name)) {
+        let listener = crate::ops::upgrade::tcp_listener(fd)?;
+        let wanted: Option<SocketAddr> = config.bind.parse().ok();
+        let local = listener.local_addr()?;
+        if wanted.is_some_and(|w| w.port() == 0 || w == local) {
+            return TcpListener::from_std(listener);
+        }
+        // The config moved the listener: bind the new address instead.
+    }
     let addr: SocketAddr = config
         .bind
         .parse()

@@ -191,6 +191,10 @@ async fn serve_tls(
                     return;
                 }
             };
+            accepted
+                .stats
+                .tls_handshakes
+                .fetch_add(1, Ordering::Relaxed);
             let (_, session) = tls.get_ref();
             if session.alpn_protocol() == Some(crate::tls::ACME_TLS_ALPN) {
                 // A TLS-ALPN-01 validation: the handshake was the whole answer (RFC 8737).
@@ -201,8 +205,14 @@ async fn serve_tls(
                 .and_then(|chain| chain.first())
                 .and_then(|leaf| crate::tls::certificate_subject(leaf))
                 .map(Arc::from);
+            let version = session.protocol_version().map(|version| match version {
+                rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+                rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+                _ => "TLS",
+            });
             info.tls = Some(TlsInfo {
                 sni: hello.server_name.as_deref().map(Arc::from),
+                version,
                 client_subject,
             });
             serve_http(accepted, tls, info).await;

@@ -90,6 +90,8 @@ pub struct Route {
     /// `Some(None)`: explicitly unlimited; `None`: use the listener's default.
     pub max_request_body: Option<Option<u64>>,
     pub require_client_cert: bool,
+    /// This route's request counters and latency histogram (labels resolved at compile).
+    pub metrics: Arc<crate::telemetry::RouteMetrics>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -100,6 +102,8 @@ pub struct HttpSettings {
     pub add_forwarded: bool,
     pub add_via: bool,
     pub hide_upstream_server: bool,
+    /// `tracing.sample_ratio` when trace propagation is on.
+    pub tracing: Option<f64>,
 }
 
 impl HttpSettings {
@@ -199,6 +203,7 @@ pub struct Registries {
     pub sessions: SessionState,
     pub firewall: FirewallRegistries,
     pub acme: crate::acme::AcmeRegistry,
+    pub metrics: Arc<crate::telemetry::Metrics>,
 }
 
 fn compile_firewall(
@@ -225,6 +230,9 @@ pub fn compile(
     registries: &Registries,
 ) -> Result<Snapshot, CompileError> {
     let router = Router::for_routes(&config.routes)?;
+    registries
+        .metrics
+        .set_caps(config.metrics.max_routes, config.metrics.max_endpoints);
     let pools = config
         .pools
         .iter()
@@ -232,7 +240,7 @@ pub fn compile(
         .map(|(index, pool)| {
             registries
                 .upstreams
-                .pool(pool)
+                .pool(pool, &registries.metrics)
                 .map(|compiled| (pool.name.clone(), Arc::new(compiled)))
                 .map_err(|source| CompileError::Tls {
                     path: format!("pools[{index}].tls"),
@@ -250,7 +258,9 @@ pub fn compile(
         .routes
         .iter()
         .enumerate()
-        .map(|(index, route)| compile_route(index, route, &pools).map(Arc::new))
+        .map(|(index, route)| {
+            compile_route(index, route, &pools, &registries.metrics).map(Arc::new)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let request_id_header = HeaderName::from_bytes(config.http.request_id_header.as_bytes())
         .map_err(|e| CompileError::Invalid {
@@ -265,6 +275,10 @@ pub fn compile(
         add_forwarded: config.http.add_forwarded,
         add_via: config.http.add_via,
         hide_upstream_server: config.http.hide_upstream_server,
+        tracing: config
+            .tracing
+            .enabled
+            .then_some(config.tracing.sample_ratio),
     };
     let firewall = compile_firewall(&config.firewall, "firewall", "global", registries)?;
     let listeners = config
@@ -384,6 +398,7 @@ fn compile_route(
     index: usize,
     route: &RouteConfig,
     pools: &HashMap<String, Arc<Pool>>,
+    metrics: &crate::telemetry::Metrics,
 ) -> Result<Route, CompileError> {
     let invalid = |field: &'static str, message: String| CompileError::Invalid {
         index,
@@ -437,12 +452,15 @@ fn compile_route(
         }
         None => None,
     };
+    let name: Arc<str> = route
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("route{index}"))
+        .into();
+    let metrics = metrics.route(&name, route.pool.as_deref().unwrap_or(""));
     Ok(Route {
-        name: route
-            .name
-            .clone()
-            .unwrap_or_else(|| format!("route{index}"))
-            .into(),
+        name,
+        metrics,
         action,
         rewrite,
         host_rewrite,

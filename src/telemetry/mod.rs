@@ -1,9 +1,14 @@
-//! What the gateway reports about itself: diagnostic logs (`tracing` on stderr) and the
-//! access log (one JSON line per request). It observes; it never decides anything.
+//! What the gateway reports about itself: diagnostic logs (`tracing` on stderr), the
+//! access log (one JSON or logfmt line per request), Prometheus metrics and W3C trace
+//! context. It observes; it never decides anything.
 
 mod access_log;
+pub mod metrics;
+pub mod otlp;
+pub mod trace;
 
 pub use access_log::{AccessLog, AccessRecord, LogGuard};
+pub use metrics::{EndpointMetrics, Metrics, RequestObserver, RouteMetrics, Scrape};
 
 use crate::config::{LogConfig, LogFormat};
 

@@ -94,6 +94,8 @@ pub struct Connections {
     literal: Option<SocketAddr>,
     conns: Conns,
     transport: Transport,
+    /// Connect latency is observed here; set by the registry that creates the endpoint.
+    metrics: Option<Arc<crate::telemetry::EndpointMetrics>>,
 }
 
 impl Connections {
@@ -111,6 +113,34 @@ impl Connections {
             literal,
             conns,
             transport,
+            metrics: None,
+        }
+    }
+
+    /// Observes connect latency into `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::telemetry::EndpointMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Closes every idle connection (at shutdown, after the drain): parked HTTP/1.1
+    /// connections that are ready are dropped, which closes them; connections still
+    /// finishing a response stay until it ends. Shared HTTP/2 connections are dropped too;
+    /// hyper closes them once their open streams finish.
+    pub fn close_idle(&self) -> usize {
+        match &self.conns {
+            Conns::Http1(pool) => {
+                let mut pool = pool.lock();
+                let before = pool.parked.len();
+                pool.parked.retain(|conn| !conn.sender.is_ready());
+                before - pool.parked.len()
+            }
+            Conns::H2 { shared, .. } => {
+                let mut shared = shared.lock();
+                let closed = shared.len();
+                shared.clear();
+                closed
+            }
         }
     }
 
@@ -346,11 +376,15 @@ impl Connections {
                 }
             }
         };
+        let started = Instant::now();
         let io = tokio::time::timeout(settings.connect_timeout, connect)
             .await
             .map_err(|_| UpstreamError::ConnectTimeout {
                 address: self.address.clone(),
             })??;
+        if let Some(metrics) = &self.metrics {
+            metrics.connect.observe(started.elapsed());
+        }
         Ok(TokioIo::new(io))
     }
 

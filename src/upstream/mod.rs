@@ -46,6 +46,8 @@ pub struct Endpoint {
     pub address: Arc<str>,
     pub weight: u32,
     pub connections: Arc<Connections>,
+    /// Attempts, errors and latencies, labelled by pool and endpoint.
+    pub metrics: Arc<crate::telemetry::EndpointMetrics>,
 }
 
 /// Smooth weighted round robin, as nginx does it: every pick adds each weight to its
@@ -119,7 +121,11 @@ pub struct UpstreamRegistry {
 
 impl UpstreamRegistry {
     /// Builds a snapshot's pool, reusing the connections of endpoints already known.
-    pub fn pool(&self, config: &PoolConfig) -> Result<Pool, TlsError> {
+    pub fn pool(
+        &self,
+        config: &PoolConfig,
+        metrics: &crate::telemetry::Metrics,
+    ) -> Result<Pool, TlsError> {
         let name: Arc<str> = config.name.as_str().into();
         let tls = match &config.tls {
             Some(settings) => {
@@ -157,17 +163,21 @@ impl UpstreamRegistry {
                             tls: tls.clone(),
                             proxy_protocol: config.send_proxy_protocol,
                         };
-                        Arc::new(Connections::new(
-                            address.clone(),
-                            config.protocol,
-                            transport,
-                        ))
+                        let endpoint_metrics = metrics.endpoint(&name, &address);
+                        let connections = Arc::new(
+                            Connections::new(address.clone(), config.protocol, transport)
+                                .with_metrics(endpoint_metrics.clone()),
+                        );
+                        endpoint_metrics.set_connections(&connections);
+                        connections
                     })
                     .clone();
+                let endpoint_metrics = metrics.endpoint(&name, &address);
                 Endpoint {
                     address,
                     weight: endpoint.weight(),
                     connections,
+                    metrics: endpoint_metrics,
                 }
             })
             .collect();
@@ -209,6 +219,12 @@ impl UpstreamRegistry {
         self.endpoints.lock().len()
     }
 
+    /// Closes every idle upstream connection (the last stage of a drain). Returns how many.
+    pub fn close_idle(&self) -> usize {
+        let endpoints: Vec<Arc<Connections>> = self.endpoints.lock().values().cloned().collect();
+        endpoints.iter().map(|c| c.close_idle()).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -230,6 +246,7 @@ mod tests {
                         UpstreamProtocol::Http1,
                         Transport::default(),
                     )),
+                    metrics: crate::telemetry::Metrics::default().endpoint("p", &address),
                     address,
                     weight: *w,
                 }
@@ -265,8 +282,9 @@ mod tests {
         let registry = UpstreamRegistry::default();
         let config: PoolConfig =
             toml::from_str("name = \"p\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\"]").unwrap();
-        let first = registry.pool(&config).unwrap();
-        let second = registry.pool(&config).unwrap();
+        let metrics = crate::telemetry::Metrics::default();
+        let first = registry.pool(&config, &metrics).unwrap();
+        let second = registry.pool(&config, &metrics).unwrap();
         assert!(Arc::ptr_eq(
             &first.endpoints[0].connections,
             &second.endpoints[0].connections
