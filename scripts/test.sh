@@ -4,7 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# External tools the tests drive for real: fail2ban-regex checks the firewall's log line,
+# External tools the tests drive for real: fail2ban-regex checks the firewall's log line;
+# schemathesis fuzzes the admin API against its OpenAPI document (installed below).
 missing=()
 command -v fail2ban-regex >/dev/null 2>&1 || missing+=(fail2ban)
 # pebble (and pebble-challtestsrv) is the real ACME server the ACME tests validate against.
@@ -13,6 +14,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ]; then sudo=(); else sudo=(sudo); fi
   "${sudo[@]}" apt-get update -qq
   DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# schemathesis checks the admin API against docs/openapi.json (its test skips without it).
+if ! command -v schemathesis >/dev/null 2>&1; then
+  python3 -m pip install --quiet schemathesis || echo "warning: cannot install schemathesis; its test will be skipped" >&2
 fi
 
 if command -v cargo-nextest >/dev/null 2>&1; then

@@ -82,6 +82,7 @@ impl Gateway {
             access_log,
             spans,
             tunnels: TaskTracker::new(),
+            stats: Arc::default(),
         });
         let mut listeners = Listeners::new(proxy.clone());
         let pending = listeners.prepare(&listener_configs)?;
@@ -197,6 +198,11 @@ impl Gateway {
     /// Firewall block counters since start.
     pub fn firewall_stats(&self) -> Arc<crate::firewall::FirewallStats> {
         self.publisher.registries.firewall.stats.clone()
+    }
+
+    /// Responses since start by outcome and latency (for guarded applies).
+    pub fn request_stats(&self) -> crate::telemetry::StatsSnapshot {
+        self.proxy.stats.snapshot()
     }
 
     pub fn demo_addr(&self) -> Option<SocketAddr> {

@@ -2,11 +2,13 @@
 //!
 //! Control plane: `config` (schema, load, validate) → `snapshot` (compile, publish).
 //! Data plane: `listener` (accept) → `http` (pipeline) → `route` (match) → `upstream`
-//! (pools, connections). `telemetry` reports, `ops` handles signals, `gateway` ties them.
+//! (pools, connections). `telemetry` reports, `ops` handles signals, `gateway` ties them. `ctl` is the
+//! admin API client behind `gatehouse ctl`.
 
 pub mod acme;
 pub mod config;
 pub mod control;
+pub mod ctl;
 pub mod demo;
 pub mod firewall;
 pub mod gateway;

@@ -1,4 +1,5 @@
-//! The `gatehouse` command line: `run`, `validate` and the one-line `proxy` mode.
+//! The `gatehouse` command line: `run`, `validate`, the one-line `proxy` mode, `ctl` (the
+//! admin API client, `gatehouse::ctl`) and `store backup`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -36,6 +37,24 @@ enum Command {
         args: ProxyArgs,
         #[command(flatten)]
         runtime: RuntimeArgs,
+    },
+    /// Talk to a running gateway's admin API: status, config, versions, rollback, audit.
+    Ctl(gatehouse::ctl::CtlArgs),
+    /// The config store, without a running gateway's admin API.
+    #[command(subcommand)]
+    Store(StoreCommand),
+}
+
+#[derive(Subcommand)]
+enum StoreCommand {
+    /// Copy the store (the one `store.path` in the config names) to FILE with SQLite's
+    /// online backup API; safe while the gateway runs.
+    Backup {
+        /// The gateway's config file (for `store.path`).
+        #[arg(short, long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+        /// Where to write the copy (replaced atomically; mode 0600).
+        file: PathBuf,
     },
 }
 
@@ -75,6 +94,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { file } => validate(&file),
+        Command::Ctl(args) => gatehouse::ctl::run(args),
+        Command::Store(StoreCommand::Backup { config, file }) => store_backup(&config, &file),
         Command::Run { config, runtime } => {
             let loaded = match config::load_file(&config) {
                 Ok(loaded) => loaded,
@@ -93,6 +114,31 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+    }
+}
+
+fn store_backup(config_path: &Path, file: &Path) -> ExitCode {
+    let config = match config::load_file(config_path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{}: invalid configuration", config_path.display());
+            eprintln!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    let Some(store) = gatehouse::control::store_path(&config, Some(config_path)) else {
+        eprintln!("gatehouse: no store path");
+        return ExitCode::from(1);
+    };
+    match gatehouse::control::store::backup_file(&store, file) {
+        Ok(()) => {
+            println!("{} backed up to {}", store.display(), file.display());
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("gatehouse: {err}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -115,6 +115,13 @@ fn resolve_paths(config: &mut super::Config, base: &Path) {
     if let Some(db) = config.firewall.geoip_db.as_mut() {
         fix_path(db);
     }
+    if let Some(tls) = config.admin.as_mut().and_then(|admin| admin.tls.as_mut()) {
+        fix(&mut tls.cert);
+        fix(&mut tls.key);
+        if let Some(ca) = tls.client_ca.as_mut() {
+            fix(ca);
+        }
+    }
     for listener in &mut config.listeners {
         if let Some(auth) = listener
             .tls

@@ -619,9 +619,27 @@ pub struct AdminConfig {
     /// `ip:port` of the admin listener, separate from every data-plane listener.
     pub bind: String,
     /// Bearer tokens, stored as SHA-256 hashes. Required unless `bind` is a loopback
-    /// address; with none, every request on the admin listener is allowed.
+    /// address or `tls.client_ca` is set; with neither, every request on the admin listener
+    /// is allowed.
     #[serde(default)]
     pub tokens: Vec<AdminToken>,
+    /// Serve the admin API over TLS (TCP `bind` only); with `client_ca`, mutual TLS.
+    #[serde(default)]
+    pub tls: Option<AdminTls>,
+}
+
+/// TLS for the admin listener (SPEC CTRL-5).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    /// Certificate chain (PEM), relative to the config file's directory.
+    pub cert: String,
+    /// Private key (PEM).
+    pub key: String,
+    /// CA bundle (PEM): clients must present a certificate it issued. Without tokens, such
+    /// a certificate alone grants the admin scope; with tokens, both are required.
+    #[serde(default)]
+    pub client_ca: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

@@ -659,6 +659,30 @@ fn validate_control(config: &Config, errors: &mut Errors) {
     let Some(admin) = &config.admin else {
         return;
     };
+    let mutual_tls = admin
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_ca.is_some());
+    if let Some(tls) = &admin.tls {
+        if admin.bind.starts_with("unix:") {
+            errors.push(
+                "admin.tls",
+                "TLS is for a TCP admin.bind; a unix: socket is protected by its mode (0600)",
+            );
+        }
+        for (field, value) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if value.trim().is_empty() {
+                errors.push(format!("admin.tls.{field}"), "must be a file path");
+            }
+        }
+        if tls
+            .client_ca
+            .as_ref()
+            .is_some_and(|ca| ca.trim().is_empty())
+        {
+            errors.push("admin.tls.client_ca", "must be a file path");
+        }
+    }
     if let Some(path) = admin.bind.strip_prefix("unix:") {
         // A 0600 socket is reachable by the gateway's own user only, like loopback.
         if !std::path::Path::new(path).is_absolute() {
@@ -670,10 +694,10 @@ fn validate_control(config: &Config, errors: &mut Errors) {
             );
         }
     } else if let Some(addr) = check_socket_addr(&admin.bind, "admin.bind", errors) {
-        if admin.tokens.is_empty() && !addr.ip().is_loopback() {
+        if admin.tokens.is_empty() && !mutual_tls && !addr.ip().is_loopback() {
             errors.push(
                 "admin.tokens",
-                "at least one token is required when admin.bind is not a loopback address",
+                "at least one token is required when admin.bind is not a loopback address (or admin.tls.client_ca, for client certificates)",
             );
         }
         if addr.port() != 0 {

@@ -1,14 +1,20 @@
-//! The REST admin API (SPEC CTRL-4, OPS-4) on its own listener, never on a data-plane one:
-//! health and readiness, the current config, validate, diff, apply with `If-Match`,
-//! versions, rollback, status and the audit log. JSON in and out (configs also as TOML).
+//! The REST admin API (SPEC CTRL-4, CTRL-5, OPS-4) on its own listener (TCP, TLS with
+//! optional client certificates, or a Unix socket), never on a data-plane one: health and
+//! readiness, the current config, validate, diff, apply with `If-Match`, versions,
+//! rollback, status with listener and firewall counters, the audit log, listener limits,
+//! routes / pools / firewall rules as resources, certificates, store backups and its own
+//! OpenAPI document. JSON in and out (configs also as TOML).
 //!
-//! Admin errors map to statuses in one place, `ApiError::status`. Every request body is
-//! bounded in size and time, and so is the number of admin connections.
+//! The route table `ROUTES` is the single list of endpoints; a test holds it and
+//! `docs/openapi.json` together. Admin errors map to statuses in one place,
+//! `ApiError::status`. Every request body is bounded in size and time, and so is the number
+//! of admin connections; wrong tokens are rate-limited per source (`FailureLimiter`).
 
 use std::convert::Infallible;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, ETAG, IF_MATCH, WWW_AUTHENTICATE};
@@ -22,9 +28,9 @@ use serde_json::{json, Value};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
-use super::auth::{Auth, AuthError, Caller};
+use super::auth::{AuthError, Caller, FailureLimiter};
 use super::diff::{diff, FieldChange};
-use super::{Change, Control, ControlError};
+use super::{guard, resources, Change, Control, ControlError};
 use crate::config::{AdminScope, ConfigError, Format};
 
 /// Largest request body (a config).
@@ -39,9 +45,16 @@ const MAX_CONNECTIONS: usize = 64;
 const MAX_MESSAGE_BYTES: usize = 1024;
 const MAX_LIST_LIMIT: u32 = 1000;
 const DEFAULT_LIST_LIMIT: u32 = 100;
+/// Wrong tokens one source may send per window before it must wait (429).
+const MAX_AUTH_FAILURES: u32 = 10;
+const AUTH_FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// Sources the failure limiter tracks at most.
+const MAX_AUTH_SOURCES: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    #[error("{0}")]
+    Tls(String),
     #[error("admin.bind: cannot bind {address}: {source}")]
     Bind {
         address: String,
@@ -60,7 +73,7 @@ enum ApiError {
     #[error("no such admin endpoint")]
     NotFound,
     #[error("method not allowed; allowed: {0}")]
-    MethodNotAllowed(&'static str),
+    MethodNotAllowed(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("send the config with Content-Type application/json or application/toml")]
@@ -71,12 +84,16 @@ enum ApiError {
     BodyTimeout,
     #[error("the admin task failed: {0}")]
     Internal(String),
+    #[error("too many failed authentications from this address; retry in {0} s")]
+    TooManyFailures(u64),
 }
 
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::Auth(AuthError::Missing | AuthError::Invalid) => StatusCode::UNAUTHORIZED,
+            ApiError::Auth(
+                AuthError::Missing | AuthError::Invalid | AuthError::NoClientCertificate,
+            ) => StatusCode::UNAUTHORIZED,
             ApiError::Auth(AuthError::Forbidden) => StatusCode::FORBIDDEN,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
@@ -85,12 +102,15 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooManyFailures(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Control(err) => match err {
                 ControlError::Invalid(_) | ControlError::Rejected(_) => {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
                 ControlError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
-                ControlError::UnknownVersion(_) => StatusCode::NOT_FOUND,
+                ControlError::UnknownVersion(_) | ControlError::UnknownName { .. } => {
+                    StatusCode::NOT_FOUND
+                }
                 ControlError::Store(_)
                 | ControlError::Gateway(_)
                 | ControlError::StoredInvalid { .. }
@@ -103,7 +123,9 @@ impl ApiError {
 
     fn code(&self) -> &'static str {
         match self {
-            ApiError::Auth(AuthError::Missing | AuthError::Invalid) => "unauthorized",
+            ApiError::Auth(
+                AuthError::Missing | AuthError::Invalid | AuthError::NoClientCertificate,
+            ) => "unauthorized",
             ApiError::Auth(AuthError::Forbidden) => "forbidden",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed(_) => "method_not_allowed",
@@ -112,11 +134,13 @@ impl ApiError {
             ApiError::TooLarge => "body_too_large",
             ApiError::BodyTimeout => "body_timeout",
             ApiError::Internal(_) => "internal",
+            ApiError::TooManyFailures(_) => "too_many_auth_failures",
             ApiError::Control(err) => match err {
                 ControlError::Invalid(_) => "invalid_config",
                 ControlError::Rejected(_) => "rejected",
                 ControlError::Stale { .. } => "stale_version",
                 ControlError::UnknownVersion(_) => "unknown_version",
+                ControlError::UnknownName { .. } => "unknown_name",
                 _ => "internal",
             },
         }
@@ -149,10 +173,15 @@ impl ApiError {
                     .headers_mut()
                     .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             }
-            ApiError::MethodNotAllowed(allowed) => {
+            ApiError::TooManyFailures(seconds) => {
                 response
                     .headers_mut()
-                    .insert(http::header::ALLOW, HeaderValue::from_static(allowed));
+                    .insert(http::header::RETRY_AFTER, HeaderValue::from(*seconds));
+            }
+            ApiError::MethodNotAllowed(allowed) => {
+                if let Ok(value) = HeaderValue::from_str(allowed) {
+                    response.headers_mut().insert(http::header::ALLOW, value);
+                }
             }
             _ => {}
         }
@@ -179,76 +208,186 @@ fn json_response(status: StatusCode, body: &impl Serialize) -> Response<Full<Byt
     response
 }
 
-/// The admin endpoints. `Public` ones (probes) need no token.
-enum Endpoint {
+/// What an admin request asks for. The route table below maps paths to these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
     Healthz,
     Ready,
     /// Prometheus exposition; its scope depends on `metrics.require_token`.
     Metrics,
+    OpenApi,
     GetConfig,
     PutConfig,
     Validate,
     Diff,
     Versions,
-    Version(i64),
-    Rollback(i64),
+    Version,
+    Rollback,
     Status,
     Audit,
+    Certificates,
+    SetMaxConnections,
+    ListRoutes,
+    GetRoute,
+    PutRoute,
+    DeleteRoute,
+    ListPools,
+    GetPool,
+    PutPool,
+    DeletePool,
+    GetFirewall,
+    PutFirewall,
+    Backup,
 }
 
-impl Endpoint {
-    fn scope(&self) -> Option<AdminScope> {
+impl Op {
+    /// The scope a caller needs; `None` for the public probes and the API document.
+    fn scope(self) -> Option<AdminScope> {
         match self {
-            Endpoint::Healthz | Endpoint::Ready | Endpoint::Metrics => None,
-            Endpoint::GetConfig
-            | Endpoint::Versions
-            | Endpoint::Version(_)
-            | Endpoint::Status
-            | Endpoint::Audit
+            Op::Healthz | Op::Ready | Op::OpenApi => None,
+            // Checked in `Admin::metrics`: `metrics.require_token` decides.
+            Op::Metrics => None,
+            Op::GetConfig
+            | Op::Versions
+            | Op::Version
+            | Op::Status
+            | Op::Audit
+            | Op::Certificates
+            | Op::ListRoutes
+            | Op::GetRoute
+            | Op::ListPools
+            | Op::GetPool
+            | Op::GetFirewall
             // Validate and diff change nothing.
-            | Endpoint::Validate
-            | Endpoint::Diff => Some(AdminScope::Read),
-            Endpoint::PutConfig | Endpoint::Rollback(_) => Some(AdminScope::Admin),
+            | Op::Validate
+            | Op::Diff => Some(AdminScope::Read),
+            Op::PutConfig
+            | Op::Rollback
+            | Op::SetMaxConnections
+            | Op::PutRoute
+            | Op::DeleteRoute
+            | Op::PutPool
+            | Op::DeletePool
+            | Op::PutFirewall
+            // The stored configs hold the token hashes.
+            | Op::Backup => Some(AdminScope::Admin),
         }
     }
 }
 
-/// The route table: path → the methods it takes. Kept in one place so the table and the
-/// documentation in OPERATIONS.md are easy to compare.
-fn route(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
-    let only = |allowed: &'static str, expected: Method, endpoint: Endpoint| {
-        if *method == expected {
-            Ok(endpoint)
-        } else {
-            Err(ApiError::MethodNotAllowed(allowed))
+/// One row of the route table: method, path template (`{name}` matches one segment), op.
+struct RouteEntry {
+    method: &'static str,
+    template: &'static str,
+    op: Op,
+}
+
+const fn entry(method: &'static str, template: &'static str, op: Op) -> RouteEntry {
+    RouteEntry {
+        method,
+        template,
+        op,
+    }
+}
+
+/// The route table, the single list of admin endpoints. A test checks that it and the
+/// OpenAPI document (`docs/openapi.json`, served at `/openapi.json`) name the same
+/// methods and paths.
+const ROUTES: &[RouteEntry] = &[
+    entry("GET", "/healthz", Op::Healthz),
+    entry("GET", "/ready", Op::Ready),
+    entry("GET", "/metrics", Op::Metrics),
+    entry("GET", "/openapi.json", Op::OpenApi),
+    entry("GET", "/config", Op::GetConfig),
+    entry("PUT", "/config", Op::PutConfig),
+    entry("POST", "/config/validate", Op::Validate),
+    entry("POST", "/config/diff", Op::Diff),
+    entry("GET", "/config/versions", Op::Versions),
+    entry("GET", "/config/versions/{version}", Op::Version),
+    entry("POST", "/config/rollback/{version}", Op::Rollback),
+    entry("GET", "/status", Op::Status),
+    entry("GET", "/audit", Op::Audit),
+    entry("GET", "/certificates", Op::Certificates),
+    entry(
+        "PUT",
+        "/listeners/{name}/max_connections",
+        Op::SetMaxConnections,
+    ),
+    entry("GET", "/routes", Op::ListRoutes),
+    entry("GET", "/routes/{name}", Op::GetRoute),
+    entry("PUT", "/routes/{name}", Op::PutRoute),
+    entry("DELETE", "/routes/{name}", Op::DeleteRoute),
+    entry("GET", "/pools", Op::ListPools),
+    entry("GET", "/pools/{name}", Op::GetPool),
+    entry("PUT", "/pools/{name}", Op::PutPool),
+    entry("DELETE", "/pools/{name}", Op::DeletePool),
+    entry("GET", "/firewall", Op::GetFirewall),
+    entry("PUT", "/firewall", Op::PutFirewall),
+    entry("POST", "/store/backup", Op::Backup),
+];
+
+/// The OpenAPI 3 document of this API.
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
+/// A routed request: the op and the path parameters in template order.
+struct Routed<'a> {
+    op: Op,
+    params: Vec<&'a str>,
+}
+
+impl Routed<'_> {
+    fn param(&self, index: usize) -> Result<&str, ApiError> {
+        self.params
+            .get(index)
+            .copied()
+            .ok_or_else(|| ApiError::Internal("route parameter missing".into()))
+    }
+}
+
+fn segments(path: &str) -> Vec<&str> {
+    path.trim_end_matches('/').split('/').skip(1).collect()
+}
+
+/// Matches `path` against `template`, returning the parameters.
+fn match_template<'a>(template: &str, path: &[&'a str]) -> Option<Vec<&'a str>> {
+    let parts = segments(template);
+    if parts.len() != path.len() {
+        return None;
+    }
+    let mut params = Vec::new();
+    for (part, segment) in parts.iter().zip(path) {
+        if part.starts_with('{') && part.ends_with('}') {
+            if segment.is_empty() {
+                return None;
+            }
+            params.push(*segment);
+        } else if part != segment {
+            return None;
         }
-    };
-    let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
-    match segments.as_slice() {
-        ["healthz"] => only("GET", Method::GET, Endpoint::Healthz),
-        ["ready"] => only("GET", Method::GET, Endpoint::Ready),
-        ["metrics"] => only("GET", Method::GET, Endpoint::Metrics),
-        ["status"] => only("GET", Method::GET, Endpoint::Status),
-        ["audit"] => only("GET", Method::GET, Endpoint::Audit),
-        ["config"] => match *method {
-            Method::GET => Ok(Endpoint::GetConfig),
-            Method::PUT => Ok(Endpoint::PutConfig),
-            _ => Err(ApiError::MethodNotAllowed("GET, PUT")),
-        },
-        ["config", "validate"] => only("POST", Method::POST, Endpoint::Validate),
-        ["config", "diff"] => only("POST", Method::POST, Endpoint::Diff),
-        ["config", "versions"] => only("GET", Method::GET, Endpoint::Versions),
-        ["config", "versions", version] => only(
-            "GET",
-            Method::GET,
-            Endpoint::Version(parse_version(version)?),
-        ),
-        ["config", "rollback", version] => only(
-            "POST",
-            Method::POST,
-            Endpoint::Rollback(parse_version(version)?),
-        ),
-        _ => Err(ApiError::NotFound),
+    }
+    Some(params)
+}
+
+/// Finds the route for a request: 404 for an unknown path, 405 (with the allowed methods)
+/// for a known path with another method.
+fn route<'a>(method: &Method, path: &'a str) -> Result<Routed<'a>, ApiError> {
+    let path = segments(path);
+    let mut allowed: Vec<&str> = Vec::new();
+    for entry in ROUTES {
+        if let Some(params) = match_template(entry.template, &path) {
+            if entry.method == method.as_str() {
+                return Ok(Routed {
+                    op: entry.op,
+                    params,
+                });
+            }
+            allowed.push(entry.method);
+        }
+    }
+    if allowed.is_empty() {
+        Err(ApiError::NotFound)
+    } else {
+        Err(ApiError::MethodNotAllowed(allowed.join(", ")))
     }
 }
 
@@ -261,17 +400,70 @@ fn parse_version(text: &str) -> Result<i64, ApiError> {
 
 struct Admin {
     control: Arc<Control>,
-    auth: Auth,
     /// The separate `metrics.bind` listener: only `/metrics` and `/healthz`.
     metrics_only: bool,
     /// `metrics.require_token`, as at start.
     metrics_token: bool,
+    failures: FailureLimiter,
 }
 
-/// Where the admin API listens.
+/// Where the admin API listens; TCP optionally with TLS.
 enum AdminListener {
-    Tcp(TcpListener),
+    Tcp(TcpListener, Option<tokio_rustls::TlsAcceptor>),
     Unix(UnixListener),
+}
+
+/// Who is on the other end of an admin connection.
+#[derive(Clone, Default)]
+struct Peer {
+    /// `None` on the Unix socket.
+    ip: Option<IpAddr>,
+    /// The subject of the client certificate the TLS handshake verified.
+    client: Option<Arc<str>>,
+}
+
+/// The rustls server config of the admin listener: its certificate, and with `client_ca`
+/// client certificates verified against it. A client without a certificate still
+/// completes the handshake (so probes work) and gets 401 on everything that needs auth;
+/// a certificate the CA did not issue fails the handshake.
+fn tls_acceptor(tls: &crate::config::AdminTls) -> Result<tokio_rustls::TlsAcceptor, AdminError> {
+    let error = |message: String| AdminError::Tls(message);
+    use rustls_pki_types::pem::PemObject;
+    let chain = rustls_pki_types::CertificateDer::pem_file_iter(&tls.cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|err| error(format!("admin.tls.cert: {}: {err}", tls.cert)))?;
+    if chain.is_empty() {
+        return Err(error(format!(
+            "admin.tls.cert: {}: no certificate in the file",
+            tls.cert
+        )));
+    }
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(&tls.key)
+        .map_err(|err| error(format!("admin.tls.key: {}: {err}", tls.key)))?;
+    let provider = Arc::new(crate::tls::provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|err| error(format!("admin.tls: {err}")))?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let roots = crate::tls::load_roots(ca)
+                .map_err(|err| error(format!("admin.tls.client_ca: {err}")))?;
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|err| error(format!("admin.tls.client_ca: {err}")))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(chain, key)
+        .map_err(|err| error(format!("admin.tls: {err}")))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// The `unix:` prefix of `admin.bind` for a Unix domain socket.
@@ -282,14 +474,14 @@ pub const UNIX_PREFIX: &str = "unix:";
 /// `listener bound name=admin addr=…` like the data-plane listeners (`path=…` for a Unix
 /// socket).
 pub async fn start(control: Arc<Control>) -> Result<(), AdminError> {
-    let Some(config) = control.admin_config().cloned() else {
+    let Some(config) = control.admin_config() else {
         return Ok(());
     };
     let bind_error = |source| AdminError::Bind {
         address: config.bind.clone(),
         source,
     };
-    let auth = Auth::new(&config);
+    let auth = control.auth();
     let inherited = crate::ops::upgrade::take("admin");
     let listener = match config.bind.strip_prefix(UNIX_PREFIX) {
         Some(path) => {
@@ -304,6 +496,7 @@ pub async fn start(control: Arc<Control>) -> Result<(), AdminError> {
             AdminListener::Unix(listener)
         }
         None => {
+            let acceptor = config.tls.as_ref().map(tls_acceptor).transpose()?;
             let listener = match inherited {
                 Some(fd) => crate::ops::upgrade::tcp_listener(fd)
                     .and_then(TcpListener::from_std)
@@ -315,16 +508,16 @@ pub async fn start(control: Arc<Control>) -> Result<(), AdminError> {
             if auth.is_open() {
                 tracing::warn!(addr = %local, "admin API has no tokens: every local client may change the config");
             }
-            tracing::info!(name = %"admin", addr = %local, "listener bound");
-            AdminListener::Tcp(listener)
+            tracing::info!(name = %"admin", addr = %local, tls = acceptor.is_some(), "listener bound");
+            AdminListener::Tcp(listener, acceptor)
         }
     };
     let metrics_token = control.current().config.metrics.require_token;
     let admin = Arc::new(Admin {
         control,
-        auth,
         metrics_only: false,
         metrics_token,
+        failures: FailureLimiter::new(MAX_AUTH_FAILURES, AUTH_FAILURE_WINDOW, MAX_AUTH_SOURCES),
     });
     tokio::spawn(accept_loop(admin, listener));
     Ok(())
@@ -351,20 +544,14 @@ pub async fn start_metrics(control: Arc<Control>) -> Result<(), AdminError> {
     crate::ops::upgrade::register("metrics", std::os::fd::AsRawFd::as_raw_fd(&listener));
     let local = listener.local_addr().map_err(bind_error)?;
     tracing::info!(name = %"metrics", addr = %local, "listener bound");
-    let auth = match control.admin_config() {
-        Some(config) => Auth::new(config),
-        None => Auth::new(&crate::config::AdminConfig {
-            bind: String::new(),
-            tokens: Vec::new(),
-        }),
-    };
+    // The admin API's tokens (`Control::auth`, rotated on SIGHUP) guard it too.
     let admin = Arc::new(Admin {
         control,
-        auth,
         metrics_only: true,
         metrics_token: metrics.require_token,
+        failures: FailureLimiter::new(MAX_AUTH_FAILURES, AUTH_FAILURE_WINDOW, MAX_AUTH_SOURCES),
     });
-    tokio::spawn(accept_loop(admin, AdminListener::Tcp(listener)));
+    tokio::spawn(accept_loop(admin, AdminListener::Tcp(listener, None)));
     Ok(())
 }
 
@@ -396,16 +583,16 @@ async fn accept_loop(admin: Arc<Admin>, listener: AdminListener) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let accepted = match &listener {
-            AdminListener::Tcp(listener) => listener
+            AdminListener::Tcp(listener, _) => listener
                 .accept()
                 .await
-                .map(|(stream, _)| Either::Left(stream)),
+                .map(|(stream, peer)| (Either::Left(stream), Some(peer.ip()))),
             AdminListener::Unix(listener) => listener
                 .accept()
                 .await
-                .map(|(stream, _)| Either::Right(stream)),
+                .map(|(stream, _)| (Either::Right(stream), None)),
         };
-        let stream = match accepted {
+        let (stream, peer) = match accepted {
             Ok(stream) => stream,
             Err(err) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -419,10 +606,37 @@ async fn accept_loop(admin: Arc<Admin>, listener: AdminListener) {
             continue;
         };
         let admin = admin.clone();
+        let acceptor = match &listener {
+            AdminListener::Tcp(_, acceptor) => acceptor.clone(),
+            AdminListener::Unix(_) => None,
+        };
         tokio::spawn(async move {
-            let result = match stream {
-                Either::Left(tcp) => serve(tcp, admin).await,
-                Either::Right(unix) => serve(unix, admin).await,
+            let peer = Peer {
+                ip: peer,
+                client: None,
+            };
+            let result = match (stream, acceptor) {
+                (Either::Left(tcp), Some(acceptor)) => {
+                    match tokio::time::timeout(HEADER_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(tls)) => {
+                            let client = tls
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(|leaf| crate::tls::certificate_subject(leaf))
+                                .map(Arc::from);
+                            serve(tls, admin, Peer { client, ..peer }).await
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(peer = ?peer.ip, error = %err, "admin TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => Ok(()),
+                    }
+                }
+                (Either::Left(tcp), None) => serve(tcp, admin, peer).await,
+                (Either::Right(unix), _) => serve(unix, admin, peer).await,
             };
             if let Err(err) = result {
                 tracing::debug!(error = %err, "admin connection ended with an error");
@@ -437,13 +651,14 @@ enum Either<A, B> {
     Right(B),
 }
 
-async fn serve<S>(stream: S, admin: Arc<Admin>) -> hyper::Result<()>
+async fn serve<S>(stream: S, admin: Arc<Admin>, peer: Peer) -> hyper::Result<()>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let service = service_fn(move |request| {
         let admin = admin.clone();
-        async move { Ok::<_, Infallible>(admin.handle(request).await) }
+        let peer = peer.clone();
+        async move { Ok::<_, Infallible>(admin.handle(request, &peer).await) }
     });
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -454,13 +669,13 @@ where
 
 impl Admin {
     /// `GET /metrics`: the Prometheus text format (SPEC OPS-1).
-    fn metrics(&self, headers: &HeaderMap) -> Result<Response<Full<Bytes>>, ApiError> {
+    fn metrics(&self, headers: &HeaderMap, peer: &Peer) -> Result<Response<Full<Bytes>>, ApiError> {
         let current = self.control.current();
         if !current.config.metrics.enabled {
             return Err(ApiError::NotFound);
         }
         if self.metrics_token {
-            self.auth.check(headers, AdminScope::Read)?;
+            self.authenticate(headers, AdminScope::Read, peer)?;
         }
         let version = u64::try_from(current.info.version).unwrap_or(0);
         let text = self.control.gateway().render_metrics(version);
@@ -472,8 +687,8 @@ impl Admin {
         Ok(response)
     }
 
-    async fn handle(&self, request: Request<Incoming>) -> Response<Full<Bytes>> {
-        match self.dispatch(request).await {
+    async fn handle(&self, request: Request<Incoming>, peer: &Peer) -> Response<Full<Bytes>> {
+        match self.dispatch(request, peer).await {
             Ok(response) => response,
             Err(err) => err.response(),
         }
@@ -482,23 +697,22 @@ impl Admin {
     async fn dispatch(
         &self,
         request: Request<Incoming>,
+        peer: &Peer,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let endpoint = route(request.method(), request.uri().path())?;
-        if self.metrics_only && !matches!(endpoint, Endpoint::Metrics | Endpoint::Healthz) {
+        let path = request.uri().path().to_string();
+        let routed = route(request.method(), &path)?;
+        if self.metrics_only && !matches!(routed.op, Op::Metrics | Op::Healthz) {
             return Err(ApiError::NotFound);
         }
-        if matches!(endpoint, Endpoint::Metrics) {
-            return self.metrics(request.headers());
-        }
-        let caller = match endpoint.scope() {
-            Some(scope) => Some(self.auth.check(request.headers(), scope)?),
+        let caller = match routed.op.scope() {
+            Some(scope) => Some(self.authenticate(request.headers(), scope, peer)?),
             None => None,
         };
         let control = &self.control;
-        match endpoint {
-            Endpoint::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
-            Endpoint::Metrics => self.metrics(request.headers()),
-            Endpoint::Ready => {
+        match routed.op {
+            Op::Healthz => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+            Op::Metrics => self.metrics(request.headers(), peer),
+            Op::Ready => {
                 let draining = control.gateway().is_draining();
                 let status = if draining {
                     StatusCode::SERVICE_UNAVAILABLE
@@ -511,7 +725,7 @@ impl Admin {
                 }
                 Ok(json_response(status, &body))
             }
-            Endpoint::GetConfig => {
+            Op::GetConfig => {
                 let current = control.current();
                 let mut response = json_response(
                     StatusCode::OK,
@@ -527,7 +741,8 @@ impl Admin {
                 set_etag(&mut response, current.info.version);
                 Ok(response)
             }
-            Endpoint::Version(version) => {
+            Op::Version => {
+                let version = parse_version(routed.param(0)?)?;
                 let control = self.control.clone();
                 let (info, config) = blocking(move || control.version(version)).await??;
                 Ok(json_response(
@@ -542,12 +757,12 @@ impl Admin {
                     }),
                 ))
             }
-            Endpoint::Validate => {
+            Op::Validate => {
                 let config = self.read_config(request).await?;
                 control.check(&config)?;
                 Ok(json_response(StatusCode::OK, &json!({"valid": true})))
             }
-            Endpoint::Diff => {
+            Op::Diff => {
                 let config = self.read_config(request).await?;
                 let current = control.current();
                 let before = serde_json::to_value(&*current.config).map_err(ControlError::from)?;
@@ -563,9 +778,10 @@ impl Admin {
                     }),
                 ))
             }
-            Endpoint::PutConfig => {
+            Op::PutConfig => {
                 let if_match = if_match(request.headers())?;
                 let message = change_message(request.headers())?;
+                let gates = gates(request.uri().query())?;
                 let config = self.read_config(request).await?;
                 let actor = actor(caller);
                 let control = self.control.clone();
@@ -581,11 +797,24 @@ impl Admin {
                     )
                 })
                 .await??;
-                let mut response = json_response(StatusCode::OK, &outcome);
+                let mut body = serde_json::to_value(&outcome).map_err(ControlError::from)?;
+                if let (Some(gates), Some(previous)) = (gates, outcome.previous_version) {
+                    let baseline = self.control.gateway().request_stats();
+                    let status = guard::start(
+                        self.control.clone(),
+                        outcome.info.version,
+                        previous,
+                        gates,
+                        baseline,
+                    );
+                    body["guard"] = serde_json::to_value(status).map_err(ControlError::from)?;
+                }
+                let mut response = json_response(StatusCode::OK, &body);
                 set_etag(&mut response, outcome.info.version);
                 Ok(response)
             }
-            Endpoint::Rollback(version) => {
+            Op::Rollback => {
+                let version = parse_version(routed.param(0)?)?;
                 let if_match = if_match(request.headers())?;
                 let message = change_message(request.headers())?;
                 let message = if message.is_empty() {
@@ -611,7 +840,7 @@ impl Admin {
                 set_etag(&mut response, outcome.info.version);
                 Ok(response)
             }
-            Endpoint::Versions => {
+            Op::Versions => {
                 let limit = list_limit(request.uri().query())?;
                 let control = self.control.clone();
                 let versions = blocking(move || control.versions(limit)).await??;
@@ -623,13 +852,232 @@ impl Admin {
                     }),
                 ))
             }
-            Endpoint::Audit => {
+            Op::Audit => {
                 let limit = list_limit(request.uri().query())?;
                 let control = self.control.clone();
                 let records = blocking(move || control.audit(limit)).await??;
                 Ok(json_response(StatusCode::OK, &json!({"records": records})))
             }
-            Endpoint::Status => Ok(json_response(StatusCode::OK, &status(control))),
+            Op::Status => Ok(json_response(StatusCode::OK, &status(control))),
+            Op::OpenApi => {
+                let mut response =
+                    Response::new(Full::new(Bytes::from_static(OPENAPI_JSON.as_bytes())));
+                response
+                    .headers_mut()
+                    .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                Ok(response)
+            }
+            Op::Certificates => Ok(json_response(StatusCode::OK, &certificates(control))),
+            Op::ListRoutes => {
+                let current = control.current();
+                let routes: Vec<Value> = current
+                    .config
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, route)| named(resources::route_name(index, route), route))
+                    .collect::<Result<_, _>>()?;
+                versioned(
+                    current.info.version,
+                    json!({"version": current.info.version, "routes": routes}),
+                )
+            }
+            Op::GetRoute => {
+                let name = routed.param(0)?;
+                let current = control.current();
+                let (_, route) = resources::find_route(&current.config, name)
+                    .ok_or_else(|| unknown("route", name))?;
+                versioned(current.info.version, named(name.to_string(), route)?)
+            }
+            Op::PutRoute => {
+                let name = routed.param(0)?.to_string();
+                let meta = ChangeMeta::of(&request, caller)?;
+                let route: crate::config::RouteConfig = read_json(request).await?;
+                check_body_name(route.name.as_deref(), &name)?;
+                let message = meta.message_or(format!("route {name}: put"));
+                self.edit(meta, "put_route", message, move |config| {
+                    resources::put_route(config, &name, route)
+                })
+                .await
+            }
+            Op::DeleteRoute => {
+                let name = routed.param(0)?.to_string();
+                let meta = ChangeMeta::of(&request, caller)?;
+                let message = meta.message_or(format!("route {name}: delete"));
+                self.edit(meta, "delete_route", message, move |config| {
+                    resources::delete_route(config, &name).map(|()| false)
+                })
+                .await
+            }
+            Op::ListPools => {
+                let current = control.current();
+                versioned(
+                    current.info.version,
+                    json!({"version": current.info.version, "pools": current.config.pools}),
+                )
+            }
+            Op::GetPool => {
+                let name = routed.param(0)?;
+                let current = control.current();
+                let pool = resources::find_pool(&current.config, name)
+                    .ok_or_else(|| unknown("pool", name))?;
+                versioned(
+                    current.info.version,
+                    serde_json::to_value(pool).map_err(ControlError::from)?,
+                )
+            }
+            Op::PutPool => {
+                let name = routed.param(0)?.to_string();
+                let meta = ChangeMeta::of(&request, caller)?;
+                let mut body: Value = read_json(request).await?;
+                // `name` may be omitted in the body: the path names the pool.
+                if let Some(object) = body.as_object_mut() {
+                    let given = object.get("name").cloned();
+                    match given {
+                        None => {
+                            object.insert("name".into(), json!(name));
+                        }
+                        Some(given) => check_body_name(given.as_str(), &name)?,
+                    }
+                }
+                let pool: crate::config::PoolConfig = from_value(body)?;
+                let message = meta.message_or(format!("pool {name}: put"));
+                self.edit(meta, "put_pool", message, move |config| {
+                    resources::put_pool(config, &name, pool)
+                })
+                .await
+            }
+            Op::DeletePool => {
+                let name = routed.param(0)?.to_string();
+                let meta = ChangeMeta::of(&request, caller)?;
+                let message = meta.message_or(format!("pool {name}: delete"));
+                self.edit(meta, "delete_pool", message, move |config| {
+                    resources::delete_pool(config, &name).map(|()| false)
+                })
+                .await
+            }
+            Op::GetFirewall => {
+                let current = control.current();
+                versioned(
+                    current.info.version,
+                    serde_json::to_value(&current.config.firewall).map_err(ControlError::from)?,
+                )
+            }
+            Op::PutFirewall => {
+                let meta = ChangeMeta::of(&request, caller)?;
+                let firewall: crate::config::FirewallConfig = read_json(request).await?;
+                let message = meta.message_or("firewall: put".to_string());
+                self.edit(meta, "put_firewall", message, move |config| {
+                    config.firewall = firewall;
+                    Ok(false)
+                })
+                .await
+            }
+            Op::Backup => {
+                let control = self.control.clone();
+                let bytes = blocking(move || backup_bytes(&control)).await??;
+                let mut response = Response::new(Full::new(Bytes::from(bytes)));
+                response.headers_mut().insert(
+                    CONTENT_TYPE,
+                    HeaderValue::from_static("application/vnd.sqlite3"),
+                );
+                response.headers_mut().insert(
+                    http::header::CONTENT_DISPOSITION,
+                    HeaderValue::from_static("attachment; filename=\"gatehouse-backup.db\""),
+                );
+                Ok(response)
+            }
+            Op::SetMaxConnections => {
+                let name = routed.param(0)?.to_string();
+                let if_match = if_match(request.headers())?;
+                let message = change_message(request.headers())?;
+                let body: MaxConnectionsBody = read_json(request).await?;
+                let message = if message.is_empty() {
+                    format!(
+                        "listener {name}: max_connections = {}",
+                        body.max_connections
+                    )
+                } else {
+                    message
+                };
+                let actor = actor(caller);
+                let control = self.control.clone();
+                let outcome = blocking(move || {
+                    control.set_max_connections(
+                        &name,
+                        body.max_connections,
+                        &Change {
+                            actor: &actor,
+                            action: "set_max_connections",
+                            message: &message,
+                            if_match,
+                        },
+                    )
+                })
+                .await??;
+                let mut response = json_response(StatusCode::OK, &outcome);
+                set_etag(&mut response, outcome.info.version);
+                Ok(response)
+            }
+        }
+    }
+
+    /// Runs a resource edit as a new version (`Control::edit`) off the async workers and
+    /// answers with the outcome: 201 when `edit` created something, else 200.
+    async fn edit(
+        &self,
+        meta: ChangeMeta,
+        action: &'static str,
+        message: String,
+        edit: impl FnOnce(&mut crate::config::Config) -> Result<bool, ControlError> + Send + 'static,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let control = self.control.clone();
+        let (outcome, created) = blocking(move || {
+            control.edit(
+                &Change {
+                    actor: &meta.actor,
+                    action,
+                    message: &message,
+                    if_match: meta.if_match,
+                },
+                edit,
+            )
+        })
+        .await??;
+        let status = if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        let mut response = json_response(status, &outcome);
+        set_etag(&mut response, outcome.info.version);
+        Ok(response)
+    }
+
+    /// Checks the caller's token, refusing sources with too many recent failures (429)
+    /// before looking at the token. Only wrong tokens count as failures.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        scope: AdminScope,
+        peer: &Peer,
+    ) -> Result<Caller, ApiError> {
+        let now = Instant::now();
+        if let Err(wait) = self.failures.check(peer.ip, now) {
+            let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(ApiError::TooManyFailures(seconds.max(1)));
+        }
+        match self
+            .control
+            .auth()
+            .check(headers, scope, peer.client.as_deref())
+        {
+            Err(AuthError::Invalid) => {
+                self.failures.record_failure(peer.ip, now);
+                tracing::warn!(peer = ?peer.ip, "admin API: invalid bearer token");
+                Err(AuthError::Invalid.into())
+            }
+            other => Ok(other?),
         }
     }
 
@@ -648,19 +1096,8 @@ impl Admin {
             Some(value) if value.contains("toml") => Format::Toml,
             _ => return Err(ApiError::UnsupportedMediaType),
         };
-        let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
-        let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
-            Err(_) => return Err(ApiError::BodyTimeout),
-            Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
-                return Err(ApiError::TooLarge)
-            }
-            Ok(Err(err)) => {
-                return Err(ApiError::BadRequest(format!("cannot read the body: {err}")))
-            }
-            Ok(Ok(collected)) => collected.to_bytes(),
-        };
-        let text = std::str::from_utf8(&bytes)
-            .map_err(|err| ApiError::BadRequest(format!("the body is not UTF-8: {err}")))?;
+        let text = read_body(request).await?;
+        let text = text.as_str();
         // Syntax errors are the client's malformed request (400); a config that parses
         // but is wrong is unprocessable (422, every error with its path).
         match format {
@@ -675,6 +1112,179 @@ impl Admin {
         }
         Ok(self.control.parse_submitted(text, format)?)
     }
+}
+
+/// Reads a request body as UTF-8 text, bounded in size and time.
+async fn read_body(request: Request<Incoming>) -> Result<String, ApiError> {
+    let body = Limited::new(request.into_body(), MAX_BODY_BYTES);
+    let bytes = match tokio::time::timeout(BODY_TIMEOUT, body.collect()).await {
+        Err(_) => return Err(ApiError::BodyTimeout),
+        Ok(Err(err)) if err.is::<http_body_util::LengthLimitError>() => {
+            return Err(ApiError::TooLarge)
+        }
+        Ok(Err(err)) => return Err(ApiError::BadRequest(format!("cannot read the body: {err}"))),
+        Ok(Ok(collected)) => collected.to_bytes(),
+    };
+    String::from_utf8(bytes.to_vec())
+        .map_err(|err| ApiError::BadRequest(format!("the body is not UTF-8: {err}")))
+}
+
+/// Reads a small JSON request body (`Content-Type: application/json`) into `T`; errors name
+/// the field.
+async fn read_json<T: serde::de::DeserializeOwned>(
+    request: Request<Incoming>,
+) -> Result<T, ApiError> {
+    let is_json = request
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.to_ascii_lowercase().contains("json"));
+    if !is_json {
+        return Err(ApiError::UnsupportedMediaType);
+    }
+    let text = read_body(request).await?;
+    let mut deserializer = serde_json::Deserializer::from_str(&text);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::BadRequest(format!("invalid body: {inner}"))
+        } else {
+            ApiError::BadRequest(format!("invalid body: {path}: {inner}"))
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|err| ApiError::BadRequest(format!("invalid body: {err}")))?;
+    Ok(value)
+}
+
+/// Takes an online backup of the store into a private temporary file and returns its
+/// bytes (stores are small: configs and audit records).
+fn backup_bytes(control: &Control) -> Result<Vec<u8>, ApiError> {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("gatehouse-backup-{}-{n}.db", std::process::id()));
+    let result = control
+        .backup(&path)
+        .map_err(ApiError::from)
+        .and_then(|()| {
+            std::fs::read(&path)
+                .map_err(|err| ApiError::Internal(format!("cannot read the backup: {err}")))
+        });
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// The change headers of a mutation and who sends it.
+struct ChangeMeta {
+    actor: String,
+    if_match: Option<i64>,
+    message: String,
+}
+
+impl ChangeMeta {
+    fn of(request: &Request<Incoming>, caller: Option<Caller>) -> Result<ChangeMeta, ApiError> {
+        Ok(ChangeMeta {
+            actor: actor(caller),
+            if_match: if_match(request.headers())?,
+            message: change_message(request.headers())?,
+        })
+    }
+
+    fn message_or(&self, default: String) -> String {
+        if self.message.is_empty() {
+            default
+        } else {
+            self.message.clone()
+        }
+    }
+}
+
+fn unknown(kind: &'static str, name: &str) -> ApiError {
+    ApiError::Control(ControlError::UnknownName {
+        kind,
+        name: name.to_string(),
+    })
+}
+
+/// A `name` in a resource body must be the one in the path.
+fn check_body_name(given: Option<&str>, path_name: &str) -> Result<(), ApiError> {
+    match given {
+        Some(given) if given != path_name => Err(ApiError::BadRequest(format!(
+            "name: {given:?} in the body differs from {path_name:?} in the path"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A route as JSON with its (possibly default) name filled in.
+fn named(name: String, route: &crate::config::RouteConfig) -> Result<Value, ApiError> {
+    let mut value = serde_json::to_value(route).map_err(ControlError::from)?;
+    value["name"] = json!(name);
+    Ok(value)
+}
+
+/// A 200 JSON answer with `ETag` set to the config version it was read from.
+fn versioned(version: i64, body: Value) -> Result<Response<Full<Bytes>>, ApiError> {
+    let mut response = json_response(StatusCode::OK, &body);
+    set_etag(&mut response, version);
+    Ok(response)
+}
+
+/// Deserializes an already-parsed JSON body, naming the failing field.
+fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        if path == "." || path.is_empty() {
+            ApiError::BadRequest(format!("invalid body: {inner}"))
+        } else {
+            ApiError::BadRequest(format!("invalid body: {path}: {inner}"))
+        }
+    })
+}
+
+/// Body of `PUT /listeners/{name}/max_connections`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MaxConnectionsBody {
+    /// 0 means unlimited.
+    max_connections: u32,
+}
+
+/// `GET /certificates`: what new handshakes are served with, soonest expiry first.
+fn certificates(control: &Control) -> Value {
+    let table = control.gateway().certificates();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64);
+    let mut certificates: Vec<Value> = table
+        .loaded
+        .iter()
+        .map(|cert| {
+            json!({
+                "names": cert.names,
+                "cert_path": cert.cert_path,
+                "not_after": cert.not_after,
+                "not_after_rfc3339": rfc3339(cert.not_after),
+                "expires_in_seconds": cert.not_after - now,
+                "expired": cert.not_after <= now,
+            })
+        })
+        .collect();
+    certificates.sort_by_key(|cert| cert["not_after"].as_i64());
+    json!({
+        "certificates": certificates,
+        "acme": control.gateway().acme_status(),
+    })
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ` (UTC); `None` out of range.
+fn rfc3339(seconds: i64) -> Option<String> {
+    let seconds = u64::try_from(seconds).ok()?;
+    let time = std::time::UNIX_EPOCH.checked_add(Duration::from_secs(seconds))?;
+    Some(humantime::format_rfc3339_seconds(time).to_string())
 }
 
 fn control_version(control: &Control) -> i64 {
@@ -717,6 +1327,20 @@ fn status(control: &Control) -> Value {
         "ready": !gateway.is_draining(),
         "store_mode": control.mode(),
         "listeners": listeners,
+        "firewall": firewall_stats(&gateway.firewall_stats()),
+        "guard": control.guard(),
+    })
+}
+
+/// Firewall blocks since start, in total and by reason.
+fn firewall_stats(stats: &crate::firewall::FirewallStats) -> Value {
+    let mut by_reason = serde_json::Map::new();
+    for reason in crate::firewall::BlockReason::ALL {
+        by_reason.insert(reason.as_str().to_string(), json!(stats.blocked(reason)));
+    }
+    json!({
+        "blocked_total": stats.blocked_total(),
+        "blocked": by_reason,
     })
 }
 
@@ -764,6 +1388,62 @@ fn change_message(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(text.to_string())
 }
 
+/// The guarded-apply query of `PUT /config`: `bake` with at least one gate
+/// (`max_5xx_rate`, `max_p95`), and optionally `min_requests` (default 20).
+fn gates(query: Option<&str>) -> Result<Option<guard::Gates>, ApiError> {
+    let bad = |message: String| ApiError::BadRequest(message);
+    let duration = |key: &str, value: &str| {
+        crate::config::units::parse_duration(value)
+            .map_err(|err| bad(format!("{key}: {err}")))
+            .and_then(|duration| {
+                if duration.is_zero() || duration > guard::MAX_BAKE {
+                    Err(bad(format!("{key}: must be between 1ms and 1h")))
+                } else {
+                    Ok(duration)
+                }
+            })
+    };
+    let (mut bake, mut max_5xx_rate, mut max_p95, mut min_requests) = (None, None, None, None);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
+            "bake" => bake = Some(duration("bake", &value)?),
+            "max_p95" => max_p95 = Some(duration("max_p95", &value)?),
+            "max_5xx_rate" => {
+                let rate = value
+                    .parse::<f64>()
+                    .ok()
+                    .filter(|rate| (0.0..=1.0).contains(rate))
+                    .ok_or_else(|| bad("max_5xx_rate: must be a number from 0 to 1".into()))?;
+                max_5xx_rate = Some(rate);
+            }
+            "min_requests" => {
+                let count = value
+                    .parse::<u64>()
+                    .ok()
+                    .filter(|count| *count >= 1)
+                    .ok_or_else(|| bad("min_requests: must be a positive integer".into()))?;
+                min_requests = Some(count);
+            }
+            other => return Err(bad(format!("unknown query parameter {other:?}"))),
+        }
+    }
+    match bake {
+        None if max_5xx_rate.is_some() || max_p95.is_some() || min_requests.is_some() => Err(bad(
+            "max_5xx_rate, max_p95 and min_requests need bake (a duration such as 30s)".into(),
+        )),
+        None => Ok(None),
+        Some(_) if max_5xx_rate.is_none() && max_p95.is_none() => Err(bad(
+            "bake needs at least one gate: max_5xx_rate or max_p95".into(),
+        )),
+        Some(bake) => Ok(Some(guard::Gates {
+            bake,
+            max_5xx_rate,
+            max_p95,
+            min_requests: min_requests.unwrap_or(20),
+        })),
+    }
+}
+
 /// `?limit=N`, 1–1000, default 100.
 fn list_limit(query: Option<&str>) -> Result<u32, ApiError> {
     let mut limit = DEFAULT_LIST_LIMIT;
@@ -794,36 +1474,104 @@ async fn blocking<T: Send + 'static>(
 mod tests {
     use super::*;
 
+    fn op_of(method: Method, path: &str) -> Result<(Op, Vec<String>), ApiError> {
+        route(&method, path).map(|routed| {
+            (
+                routed.op,
+                routed.params.iter().map(ToString::to_string).collect(),
+            )
+        })
+    }
+
     #[test]
     fn routes_known_paths_and_reports_wrong_methods_and_unknown_paths() {
         assert!(matches!(
-            route(&Method::GET, "/config"),
-            Ok(Endpoint::GetConfig)
+            op_of(Method::GET, "/config"),
+            Ok((Op::GetConfig, _))
         ));
         assert!(matches!(
-            route(&Method::PUT, "/config/"),
-            Ok(Endpoint::PutConfig)
+            op_of(Method::PUT, "/config/"),
+            Ok((Op::PutConfig, _))
         ));
+        let (op, params) = op_of(Method::POST, "/config/rollback/3").unwrap();
+        assert_eq!((op, params), (Op::Rollback, vec!["3".to_string()]));
+        let (op, params) = op_of(Method::PUT, "/listeners/public/max_connections").unwrap();
+        assert_eq!(
+            (op, params),
+            (Op::SetMaxConnections, vec!["public".to_string()])
+        );
+        match op_of(Method::DELETE, "/config") {
+            Err(ApiError::MethodNotAllowed(allowed)) => assert_eq!(allowed, "GET, PUT"),
+            _ => panic!("DELETE /config must be 405"),
+        }
+        assert!(parse_version("x").is_err());
+        assert!(parse_version("0").is_err());
         assert!(matches!(
-            route(&Method::POST, "/config/rollback/3"),
-            Ok(Endpoint::Rollback(3))
-        ));
-        assert!(matches!(
-            route(&Method::DELETE, "/config"),
-            Err(ApiError::MethodNotAllowed("GET, PUT"))
-        ));
-        assert!(matches!(
-            route(&Method::POST, "/config/rollback/x"),
-            Err(ApiError::BadRequest(_))
-        ));
-        assert!(matches!(
-            route(&Method::POST, "/config/rollback/0"),
-            Err(ApiError::BadRequest(_))
-        ));
-        assert!(matches!(
-            route(&Method::GET, "/nope"),
+            op_of(Method::GET, "/nope"),
             Err(ApiError::NotFound)
         ));
+        assert!(matches!(
+            op_of(Method::GET, "/config/versions/"),
+            Ok((Op::Versions, _))
+        ));
+        assert!(matches!(
+            op_of(Method::PUT, "/listeners//max_connections"),
+            Err(ApiError::NotFound)
+        ));
+    }
+
+    /// The OpenAPI document and the route table name exactly the same operations, and every
+    /// operation documents its success and error statuses.
+    #[test]
+    fn openapi_document_matches_the_route_table() {
+        let document: Value = serde_json::from_str(OPENAPI_JSON).expect("openapi.json is JSON");
+        assert!(document["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")));
+        let mut documented = std::collections::BTreeSet::new();
+        let paths = document["paths"].as_object().expect("paths");
+        for (path, item) in paths {
+            for (method, operation) in item.as_object().expect("path item") {
+                if method == "parameters" {
+                    continue;
+                }
+                let responses = operation["responses"].as_object().expect("responses");
+                assert!(!responses.is_empty(), "{method} {path}: no responses");
+                assert!(
+                    operation["operationId"].is_string(),
+                    "{method} {path}: no operationId"
+                );
+                documented.insert((method.to_ascii_uppercase(), path.clone()));
+            }
+        }
+        let routed: std::collections::BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .map(|entry| (entry.method.to_string(), entry.template.to_string()))
+            .collect();
+        let missing: Vec<_> = routed.difference(&documented).collect();
+        let extra: Vec<_> = documented.difference(&routed).collect();
+        assert!(
+            missing.is_empty(),
+            "routes missing from openapi.json: {missing:?}"
+        );
+        assert!(
+            extra.is_empty(),
+            "openapi.json documents unknown routes: {extra:?}"
+        );
+        // Endpoints needing a token say so; public ones do not.
+        for entry in ROUTES {
+            let operation = &document["paths"][entry.template][entry.method.to_ascii_lowercase()];
+            let public = operation["security"]
+                .as_array()
+                .is_some_and(|security| security.is_empty());
+            assert_eq!(
+                public,
+                entry.op.scope().is_none(),
+                "{} {}: security does not match the scope",
+                entry.method,
+                entry.template
+            );
+        }
     }
 
     #[test]

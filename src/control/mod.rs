@@ -16,6 +16,8 @@
 pub mod admin;
 pub mod auth;
 pub mod diff;
+pub mod guard;
+pub mod resources;
 pub mod store;
 
 use std::path::{Path, PathBuf};
@@ -48,6 +50,9 @@ pub enum ControlError {
     Stale { expected: i64, current: i64 },
     #[error("no config version {0}")]
     UnknownVersion(i64),
+    /// An edit names a listener (route, pool, …) the running config does not have.
+    #[error("no {kind} named {name:?} in the running config")]
+    UnknownName { kind: &'static str, name: String },
     #[error("store mode: the store is the source of truth, so SIGHUP does not re-read the file; change the config through the admin API")]
     ReloadInStoreMode,
     #[error("started without a config file; nothing to reload")]
@@ -78,6 +83,9 @@ pub struct Outcome {
     pub info: VersionInfo,
     /// False when the config was identical to the running one: nothing was written.
     pub changed: bool,
+    /// The version that ran before this change (absent when nothing changed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_version: Option<i64>,
 }
 
 pub struct Control {
@@ -86,8 +94,13 @@ pub struct Control {
     /// two changes never interleave.
     store: Mutex<Store>,
     current: Mutex<Arc<Current>>,
-    /// `store` and `admin` from the file the process started with.
-    bootstrap: Bootstrap,
+    /// `store` and `admin` from the file the process started with (`admin.tokens` then
+    /// from the last SIGHUP that rotated them).
+    bootstrap: parking_lot::RwLock<Bootstrap>,
+    /// The admin API's credentials, swapped when SIGHUP rotates the tokens.
+    auth: Mutex<Arc<auth::Auth>>,
+    /// The last guarded apply, for `/status`.
+    guard: Mutex<Option<guard::GuardStatus>>,
     config_path: Option<PathBuf>,
     started: Instant,
 }
@@ -239,7 +252,15 @@ impl Control {
                 info,
                 config: Arc::new(config),
             })),
-            bootstrap,
+            auth: Mutex::new(Arc::new(auth::Auth::new(
+                bootstrap.admin.as_ref().unwrap_or(&config::AdminConfig {
+                    bind: String::new(),
+                    tokens: Vec::new(),
+                    tls: None,
+                }),
+            ))),
+            bootstrap: parking_lot::RwLock::new(bootstrap),
+            guard: Mutex::new(None),
             config_path,
             started: Instant::now(),
         }))
@@ -257,12 +278,26 @@ impl Control {
         self.started.elapsed()
     }
 
-    pub fn admin_config(&self) -> Option<&config::AdminConfig> {
-        self.bootstrap.admin.as_ref()
+    pub fn admin_config(&self) -> Option<config::AdminConfig> {
+        self.bootstrap.read().admin.clone()
+    }
+
+    /// The last guarded apply (`guard`), if any.
+    pub fn guard(&self) -> Option<guard::GuardStatus> {
+        self.guard.lock().clone()
+    }
+
+    pub(crate) fn set_guard(&self, status: guard::GuardStatus) {
+        *self.guard.lock() = Some(status);
+    }
+
+    /// The admin API's credentials now (tokens rotate on SIGHUP).
+    pub fn auth(&self) -> Arc<auth::Auth> {
+        self.auth.lock().clone()
     }
 
     pub fn mode(&self) -> StoreMode {
-        self.bootstrap.store.mode
+        self.bootstrap.read().store.mode
     }
 
     /// Parses and validates a config submitted through the API. Environment overrides do
@@ -276,13 +311,14 @@ impl Control {
         };
         let present = |key: &str| raw.as_ref().is_some_and(|raw| raw.get(key).is_some());
         let mut errors = Vec::new();
-        if present("store") && config.store != self.bootstrap.store {
+        let bootstrap = self.bootstrap.read().clone();
+        if present("store") && config.store != bootstrap.store {
             errors.push(ConfigError {
                 path: "store".into(),
                 message: "a bootstrap setting: change it in the config file and restart".into(),
             });
         }
-        if present("admin") && config.admin != self.bootstrap.admin {
+        if present("admin") && config.admin != bootstrap.admin {
             errors.push(ConfigError {
                 path: "admin".into(),
                 message: "a bootstrap setting: change it in the config file and restart".into(),
@@ -291,7 +327,7 @@ impl Control {
         if !errors.is_empty() {
             return Err(ControlError::Invalid(ConfigErrors(errors)));
         }
-        self.bootstrap.pin(&mut config);
+        bootstrap.pin(&mut config);
         Ok(config)
     }
 
@@ -344,11 +380,97 @@ impl Control {
             .ok_or(ControlError::UnknownVersion(version))?;
         let mut config = parse_stored(version, &json)?;
         // An old version may carry other bootstrap settings; they cannot change at run time.
-        self.bootstrap.pin(&mut config);
+        self.bootstrap.read().pin(&mut config);
         self.apply_locked(&mut store, config, change)
     }
 
-    /// SIGHUP: in file mode, re-read the file and apply it; in store mode, refuse.
+    /// Edits the running config as a new version: `edit` changes a copy of it, which is then
+    /// validated like a submitted config (errors carry field paths) and applied with the
+    /// usual order of writes. The copy is taken under the apply lock, so two edits never
+    /// lose each other's change.
+    /// `edit` may return a value (whether it created something, say), handed back with the
+    /// outcome. `If-Match` is checked before `edit` runs.
+    pub fn edit<T>(
+        &self,
+        change: &Change<'_>,
+        edit: impl FnOnce(&mut Config) -> Result<T, ControlError>,
+    ) -> Result<(Outcome, T), ControlError> {
+        let result = self.edit_unrecorded(change, edit);
+        self.record(&result);
+        result
+    }
+
+    fn edit_unrecorded<T>(
+        &self,
+        change: &Change<'_>,
+        edit: impl FnOnce(&mut Config) -> Result<T, ControlError>,
+    ) -> Result<(Outcome, T), ControlError> {
+        let mut store = self.store.lock();
+        let current = self.current();
+        if let Some(expected) = change.if_match {
+            if expected != current.info.version {
+                return Err(ControlError::Stale {
+                    expected,
+                    current: current.info.version,
+                });
+            }
+        }
+        let mut config = (*current.config).clone();
+        let value = edit(&mut config)?;
+        let json = serde_json::to_string(&config)?;
+        let mut config = config::parse_str(&json, Format::Json, std::iter::empty())
+            .map_err(ControlError::Invalid)?;
+        self.bootstrap.read().pin(&mut config);
+        let outcome = self.apply_locked(&mut store, config, change)?;
+        Ok((outcome, value))
+    }
+
+    /// Sets a listener's `max_connections` (SPEC CONN-3) as a new stored version, so the
+    /// change is audited and survives a restart in store mode; 0 means unlimited.
+    pub fn set_max_connections(
+        &self,
+        listener: &str,
+        limit: u32,
+        change: &Change<'_>,
+    ) -> Result<Outcome, ControlError> {
+        self.edit(change, |config| {
+            let entry = config
+                .listeners
+                .iter_mut()
+                .find(|entry| entry.name == listener)
+                .ok_or_else(|| ControlError::UnknownName {
+                    kind: "listener",
+                    name: listener.to_string(),
+                })?;
+            entry.max_connections = limit;
+            Ok(())
+        })
+        .map(|(outcome, ())| outcome)
+    }
+
+    /// Takes `admin.tokens` from a re-read file when they changed and the admin listener
+    /// itself (`bind`, `tls`) did not: token rotation without a restart (SPEC CTRL-5).
+    /// Returns whether the tokens changed.
+    fn rotate_tokens(&self, file: &Config) -> bool {
+        let mut bootstrap = self.bootstrap.write();
+        let (Some(running), Some(new)) = (bootstrap.admin.as_mut(), file.admin.as_ref()) else {
+            return false;
+        };
+        if running.tokens == new.tokens || running.bind != new.bind || running.tls != new.tls {
+            return false;
+        }
+        running.tokens = new.tokens.clone();
+        *self.auth.lock() = Arc::new(auth::Auth::new(running));
+        tracing::info!(
+            tokens = running.tokens.len(),
+            "admin tokens rotated from the config file"
+        );
+        true
+    }
+
+    /// SIGHUP: in file mode, re-read the file and apply it; in store mode, refuse — except
+    /// that in both modes changed `admin.tokens` are taken from the file (token rotation),
+    /// in store mode as a new stored version of the running config.
     pub fn reload(&self) -> Result<Outcome, ControlError> {
         let result = self.reload_unrecorded();
         self.record(&result);
@@ -356,17 +478,32 @@ impl Control {
     }
 
     fn reload_unrecorded(&self) -> Result<Outcome, ControlError> {
-        if self.mode() == StoreMode::Store {
-            return Err(ControlError::ReloadInStoreMode);
-        }
         let path = self
             .config_path
             .as_ref()
             .ok_or(ControlError::NoConfigFile)?;
         let mut config = config::load_file(path).map_err(ControlError::Invalid)?;
-        if !self.bootstrap.matches(&config) {
+        let rotated = self.rotate_tokens(&config);
+        if self.mode() == StoreMode::Store {
+            if !rotated {
+                return Err(ControlError::ReloadInStoreMode);
+            }
+            tracing::info!("store mode: only admin.tokens were taken from the file");
+            let (outcome, ()) = self.edit_unrecorded(
+                &Change {
+                    actor: "file",
+                    action: "rotate_tokens",
+                    message: "SIGHUP: admin tokens rotated from the config file",
+                    if_match: None,
+                },
+                |_| Ok(()),
+            )?;
+            return Ok(outcome);
+        }
+        let bootstrap = self.bootstrap.read().clone();
+        if !bootstrap.matches(&config) {
             tracing::warn!("store and admin changes take effect at the next restart");
-            self.bootstrap.pin(&mut config);
+            bootstrap.pin(&mut config);
         }
         let outcome = self.apply_unrecorded(
             config,
@@ -407,6 +544,7 @@ impl Control {
             return Ok(Outcome {
                 info: before.info.clone(),
                 changed: false,
+                previous_version: None,
             });
         }
         let tx = store.begin()?;
@@ -446,7 +584,14 @@ impl Control {
         Ok(Outcome {
             info,
             changed: true,
+            previous_version: Some(before.info.version),
         })
+    }
+
+    /// An online backup of the store to `dest`. Holds the apply lock while it copies, so
+    /// the copy always ends on a committed change.
+    pub fn backup(&self, dest: &Path) -> Result<(), ControlError> {
+        Ok(self.store.lock().backup(dest)?)
     }
 
     pub fn versions(&self, limit: u32) -> Result<Vec<VersionInfo>, ControlError> {

@@ -38,6 +38,101 @@ pub enum StoreError {
     },
     #[error("store: {0}")]
     Sql(#[from] rusqlite::Error),
+    #[error("backup to {path}: {source}")]
+    Backup {
+        path: String,
+        #[source]
+        source: BackupSource,
+    },
+}
+
+/// How often a backup step that finds the store locked is retried (20 ms apart).
+const BACKUP_ATTEMPTS: u32 = 250;
+
+/// Why a backup failed: SQLite or the file system.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupSource {
+    #[error(transparent)]
+    Sql(#[from] rusqlite::Error),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Copies the database `source` into a new file at `dest` with SQLite's online backup API:
+/// one consistent snapshot, taken while the gateway keeps running and applying (in WAL
+/// mode a reader never blocks a writer). The copy is written next to `dest` and renamed
+/// into place, so `dest` is never a partial file. The copy is a plain (rollback-journal)
+/// database that `Store::open` or `sqlite3` can open directly, with mode 0600.
+pub fn backup_connection(source: &Connection, dest: &Path) -> Result<(), StoreError> {
+    let error = |source: BackupSource| StoreError::Backup {
+        path: dest.display().to_string(),
+        source,
+    };
+    let file_name = dest
+        .file_name()
+        .map(|name| name.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "backup".into());
+    let partial = dest.with_file_name(format!(".{file_name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_file(&partial);
+    let result = (|| -> Result<(), BackupSource> {
+        // Mode 0600: stored configs hold the admin token hashes. SQLite takes an empty file
+        // as a new database.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&partial)?;
+        }
+        let mut target = Connection::open(&partial)?;
+        {
+            let backup = rusqlite::backup::Backup::new(source, &mut target)?;
+            // All pages in one step (-1): one snapshot. BUSY/LOCKED (a writer holds the
+            // lock right now) are retried briefly.
+            let mut attempts = 0;
+            loop {
+                match backup.step(-1)? {
+                    rusqlite::backup::StepResult::Done => break,
+                    rusqlite::backup::StepResult::More => {}
+                    _ if attempts < BACKUP_ATTEMPTS => {
+                        attempts += 1;
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    _ => {
+                        return Err(rusqlite::Error::SqliteFailure(
+                            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_BUSY),
+                            Some("the store stayed locked".into()),
+                        )
+                        .into())
+                    }
+                }
+            }
+        }
+        target.pragma_update(None, "journal_mode", "DELETE")?;
+        target.close().map_err(|(_, err)| err)?;
+        std::fs::rename(&partial, dest)?;
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    result.map_err(error)
+}
+
+/// `gatehouse store backup`: opens the store file read-only (the running gateway keeps
+/// it open) and backs it up to `dest`.
+pub fn backup_file(source: &Path, dest: &Path) -> Result<(), StoreError> {
+    let conn = Connection::open_with_flags(
+        source,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|source_error| StoreError::Open {
+        path: source.display().to_string(),
+        source: source_error,
+    })?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    backup_connection(&conn, dest)
 }
 
 /// Forward-only migrations: entry `i` takes the schema from version `i` to `i + 1`. Never
@@ -145,6 +240,11 @@ impl Store {
 
     pub fn path(&self) -> &str {
         &self.path
+    }
+
+    /// An online backup of this store to `dest` (see `backup_connection`).
+    pub fn backup(&self, dest: &Path) -> Result<(), StoreError> {
+        backup_connection(&self.conn, dest)
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {

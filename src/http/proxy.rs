@@ -43,6 +43,8 @@ pub struct Proxy {
     pub spans: Option<Arc<otlp::Exporter>>,
     /// Upgraded tunnels (WebSocket) outlive their HTTP connection; drain waits for them.
     pub tunnels: TaskTracker,
+    /// Responses by outcome and time to the response head, for guarded applies.
+    pub stats: Arc<crate::telemetry::RequestStats>,
 }
 
 /// One downstream connection.
@@ -177,6 +179,8 @@ impl Proxy {
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
         }
+        self.stats
+            .record(response.status().as_u16(), started.elapsed());
         let route_metrics = exchange
             .metrics
             .take()

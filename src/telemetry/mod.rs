@@ -1,14 +1,17 @@
 //! What the gateway reports about itself: diagnostic logs (`tracing` on stderr), the
-//! access log (one JSON or logfmt line per request), Prometheus metrics and W3C trace
-//! context. It observes; it never decides anything.
+//! access log (one JSON or logfmt line per request), Prometheus metrics, W3C trace
+//! context, and request outcome counters for guarded applies (`request_stats`). It
+//! observes; it never decides anything.
 
 mod access_log;
 pub mod metrics;
 pub mod otlp;
+pub mod request_stats;
 pub mod trace;
 
 pub use access_log::{AccessLog, AccessRecord, LogGuard};
 pub use metrics::{EndpointMetrics, Metrics, RequestObserver, RouteMetrics, Scrape};
+pub use request_stats::{RequestStats, StatsSnapshot};
 
 use crate::config::{LogConfig, LogFormat};
 
