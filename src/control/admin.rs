@@ -717,6 +717,7 @@ fn status(control: &Control) -> Value {
         "ready": !gateway.is_draining(),
         "store_mode": control.mode(),
         "listeners": listeners,
+        "pools": gateway.upstream_status(),
     })
 }
 
