@@ -156,6 +156,14 @@ impl Gateway {
         self.publisher.load().version
     }
 
+    /// Live upstream state (health, ejections, breakers, counters) per pool, by name.
+    pub fn upstream_status(&self) -> Vec<serde_json::Value> {
+        let snapshot = self.publisher.load();
+        let mut pools: Vec<_> = snapshot.pools.values().map(|pool| pool.status()).collect();
+        pools.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        pools
+    }
+
     /// Addresses the listeners are bound to, by listener name.
     pub fn local_addrs(&self) -> HashMap<String, SocketAddr> {
         self.listeners.lock().local_addrs()

@@ -539,7 +539,7 @@ pool = "broken"
             r#"listeners[1].bind: invalid address "127.0.0.1"; expected ip:port such as 127.0.0.1:8080 or [::]:443"#,
             r#"pools[0].endpoints: invalid type: string "127.0.0.1:1", expected a list"#,
             "pools[1].endpoints: at least one endpoint is required",
-            "routes[0].colour: unknown field `colour`, expected one of `name`, `priority`, `match`, `pool`, `redirect`, `direct_response`, `strip_prefix`, `rewrite_prefix`, `rewrite_regex`, `host_rewrite`, `preserve_host`, `timeouts`, `max_request_body`, `require_client_cert`",
+            "routes[0].colour: unknown field `colour`, expected one of `name`, `priority`, `match`, `pool`, `redirect`, `direct_response`, `strip_prefix`, `rewrite_prefix`, `rewrite_regex`, `host_rewrite`, `preserve_host`, `timeouts`, `max_request_body`, `require_client_cert`, `retry`, `hedge`",
             r#"routes[1].timeouts.response_header: invalid duration "never" (expected number at 0); write it like "30s", "250ms" or "1m 30s""#,
             r#"routes[2].pool: unknown pool "missing""#,
         ]
@@ -774,4 +774,70 @@ fn errors_about_file_values_do_not_blame_the_environment() {
             "listeners[0].limits.max_uri_bytes: must be at least 16 bytes",
         ]
     );
+}
+
+#[test]
+fn resilience_settings_are_validated_with_field_paths() {
+    let errors = expect_errors(&format!(
+        r#"{LISTENER}
+[[pools]]
+name = "app"
+endpoints = ["127.0.0.1:1"]
+balancer = "consistent_hash"
+hash = {{ on = "header" }}
+panic_threshold = 150
+health_check = {{ interval = "0s", path = "health", expected_status = [500, 200], unhealthy_threshold = 0 }}
+outlier_detection = {{ consecutive_5xx = 0, base_ejection_time = "10s", max_ejection_time = "1s", max_ejection_percent = 101 }}
+circuit_breaker = {{ error_percent = 0, min_requests = 0, open_for = "0s", half_open_probes = 0 }}
+concurrency = {{ max_concurrent = 0, max_queue = 1, queue_timeout = "0s" }}
+retry_budget = {{ percent = 200 }}
+
+[[routes]]
+pool = "app"
+retry = {{ max_retries = 11, on = ["retriable_status"], statuses = [600], backoff_base = "1s", backoff_max = "10ms" }}
+hedge = {{ delay = "0s" }}
+"#
+    ));
+    assert_eq!(
+        errors,
+        [
+            "pools[0].hash.name: required when hash.on is \"header\" or \"cookie\"",
+            "pools[0].panic_threshold: must be between 0 and 100",
+            "pools[0].health_check.interval: must be greater than zero",
+            "pools[0].health_check.path: must be a path starting with \"/\"",
+            "pools[0].health_check.expected_status: must be [low, high] with 100 <= low <= high <= 599",
+            "pools[0].health_check.unhealthy_threshold: must be at least 1",
+            "pools[0].outlier_detection.consecutive_5xx: must be at least 1 unless failure_percent is set",
+            "pools[0].outlier_detection.max_ejection_time: must be at least base_ejection_time",
+            "pools[0].outlier_detection.max_ejection_percent: must be between 0 and 100",
+            "pools[0].circuit_breaker.error_percent: must be between 1 and 100",
+            "pools[0].circuit_breaker.min_requests: must be at least 1",
+            "pools[0].circuit_breaker.open_for: must be greater than zero",
+            "pools[0].circuit_breaker.half_open_probes: must be at least 1",
+            "pools[0].concurrency.max_concurrent: must be between 1 and 1000000",
+            "pools[0].concurrency.queue_timeout: must be greater than zero",
+            "pools[0].retry_budget.percent: must be between 0 and 100",
+            "routes[0].retry.max_retries: must be at most 10",
+            "routes[0].retry.statuses[0]: must be between 100 and 599",
+            "routes[0].retry.backoff_max: must be at least backoff_base",
+            "routes[0].hedge.delay: must be greater than zero",
+        ]
+    );
+}
+
+#[test]
+fn resilience_settings_round_trip_with_defaults() {
+    let config = parse_toml(&format!(
+        "{LISTENER}\n[[pools]]\nname = \"app\"\nendpoints = [\"127.0.0.1:1\", {{ address = \"127.0.0.1:2\", drain = true }}]\nbalancer = \"least_request\"\nhealth_check = {{ kind = \"tcp\" }}\n\n[[routes]]\npool = \"app\"\n"
+    ))
+    .expect("valid");
+    let pool = &config.pools[0];
+    assert!(pool.endpoints[1].draining());
+    let check = pool.health_check.as_ref().expect("health_check");
+    assert_eq!(check.interval.0, std::time::Duration::from_secs(5));
+    assert_eq!(check.unhealthy_threshold, 3);
+    assert_eq!(pool.panic_threshold, 50);
+    assert_eq!(pool.passive_health.consecutive_failures, 5);
+    assert_eq!(pool.retry_budget.percent, 20);
+    assert_eq!(config.routes[0].retry.max_retries, 1);
 }

@@ -282,7 +282,8 @@ path = "/hello"
             "gatehouse_upstream_errors_total",
             &[("pool", "dead"), ("kind", "connect")]
         ),
-        1.0
+        // One request: the first attempt and the default retry of a connect failure.
+        2.0
     );
     assert!(
         value(

@@ -7,6 +7,7 @@
 
 pub mod firewall;
 mod load;
+pub mod resilience;
 pub mod tls;
 pub mod units;
 mod validate;
@@ -16,6 +17,11 @@ use serde::{Deserialize, Serialize};
 
 pub use firewall::{FirewallConfig, FirewallMode, RateLimitConfig};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
+pub use resilience::{
+    CircuitBreakerConfig, ConcurrencyConfig, HashConfig, HashOn, HealthCheckConfig,
+    HealthCheckKind, HedgeConfig, OutlierConfig, PassiveHealthConfig, RetryBudgetConfig,
+    RetryConfig, RetryOn,
+};
 pub use tls::{
     AcmeCertificate, AcmeChallenge, AcmeConfig, CertificateConfig, ClientAuthConfig,
     ClientAuthMode, ListenerTls, PassthroughRoute, PlaintextAction, ProxyProtocolReceive,
@@ -359,6 +365,12 @@ pub struct PoolConfig {
     /// An idle pooled connection older than this is closed instead of reused.
     #[serde(default = "PoolConfig::default_idle_timeout")]
     pub idle_timeout: Dur,
+    /// HTTP/1.1 upstream connections are closed after this many requests; 0: unlimited.
+    #[serde(default)]
+    pub max_requests_per_connection: u32,
+    /// Upstream connections older than this take no new requests; 0: unlimited.
+    #[serde(default)]
+    pub max_connection_lifetime: Dur,
     /// Connect to endpoints over TLS (SPEC TLS-5); required for `protocol = "h2"`.
     #[serde(default)]
     pub tls: Option<UpstreamTls>,
@@ -366,9 +378,44 @@ pub struct PoolConfig {
     /// connections carry one client's address, so they are reused only for that client.
     #[serde(default)]
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
+    /// The key for `balancer = "consistent_hash"`.
+    #[serde(default)]
+    pub hash: Option<HashConfig>,
+    /// Active health checks; none when absent.
+    #[serde(default)]
+    pub health_check: Option<HealthCheckConfig>,
+    /// Ejection after consecutive connect failures; on by default.
+    #[serde(default)]
+    pub passive_health: PassiveHealthConfig,
+    /// Ejection of endpoints that answer 5xx; off when absent.
+    #[serde(default)]
+    pub outlier_detection: Option<OutlierConfig>,
+    /// Off when absent.
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
+    /// Concurrency limit with a bounded wait queue; unlimited when absent.
+    #[serde(default)]
+    pub concurrency: Option<ConcurrencyConfig>,
+    /// Caps the retries of every route forwarding to this pool.
+    #[serde(default)]
+    pub retry_budget: RetryBudgetConfig,
+    /// When fewer than this percentage of the non-draining endpoints are available, balance
+    /// over all of them instead (panic mode); 0 turns panic mode off.
+    #[serde(default = "PoolConfig::default_panic_threshold")]
+    pub panic_threshold: u32,
+    /// Endpoints named by host name are resolved again this often; when the addresses
+    /// change, pooled connections are retired. 0: resolve per new connection only.
+    #[serde(default = "PoolConfig::default_dns_refresh")]
+    pub dns_refresh: Dur,
 }
 
 impl PoolConfig {
+    fn default_panic_threshold() -> u32 {
+        50
+    }
+    fn default_dns_refresh() -> Dur {
+        Dur::secs(30)
+    }
     fn default_connect_timeout() -> Dur {
         Dur::secs(5)
     }
@@ -398,6 +445,13 @@ pub enum BalancerKind {
     /// Smooth weighted round robin (nginx's algorithm).
     #[default]
     RoundRobin,
+    /// Power of two choices: of two random endpoints, the one with fewer requests in
+    /// flight relative to its weight.
+    LeastRequest,
+    /// Uniformly random, weighted.
+    Random,
+    /// A hash ring over `hash.on` (client IP, a header or a cookie).
+    ConsistentHash,
 }
 
 /// An endpoint: `"host:port"`, or a table with a weight.
@@ -412,6 +466,9 @@ pub enum EndpointConfig {
         address: String,
         #[serde(default = "EndpointConfig::default_weight")]
         weight: u32,
+        /// Take no new requests; requests in flight finish.
+        #[serde(default)]
+        drain: bool,
     },
 }
 
@@ -431,6 +488,10 @@ impl EndpointConfig {
             EndpointConfig::Address(_) => 1,
             EndpointConfig::Weighted { weight, .. } => *weight,
         }
+    }
+
+    pub fn draining(&self) -> bool {
+        matches!(self, EndpointConfig::Weighted { drain: true, .. })
     }
 }
 
@@ -475,6 +536,12 @@ pub struct RouteConfig {
     /// (SPEC TLS-4; the listener's `tls.client_auth` verifies it).
     #[serde(default)]
     pub require_client_cert: bool,
+    /// Retries of failed attempts (SPEC UP-7).
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Hedged attempts for GET and HEAD (SPEC UP-8); off when absent.
+    #[serde(default)]
+    pub hedge: Option<HedgeConfig>,
 }
 
 impl RouteConfig {

@@ -6,13 +6,16 @@ use std::net::SocketAddr;
 
 use super::load::{ConfigError, FileIndexes};
 use super::{
-    Config, ListenerConfig, ListenerLimits, ListenerProtocol, MatchConfig, PlaintextAction,
-    RouteConfig, UnknownSni, UpstreamProtocol, ValueMatchConfig,
+    BalancerKind, Config, Dur, HashOn, HealthCheckKind, ListenerConfig, ListenerLimits,
+    ListenerProtocol, MatchConfig, PlaintextAction, PoolConfig, RetryConfig, RetryOn, RouteConfig,
+    UnknownSni, UpstreamProtocol, ValueMatchConfig,
 };
 
 /// hyper refuses HTTP/1 read buffers smaller than this.
 const MIN_HEADER_BYTES: u64 = 8192;
 const MAX_WEIGHT: u32 = 10_000;
+const MAX_CONCURRENT: u32 = 1_000_000;
+const MAX_RETRIES: u32 = 10;
 const MAX_WORKERS: usize = 1024;
 const H2_MAX_WINDOW: u64 = (1 << 31) - 1;
 
@@ -386,6 +389,7 @@ fn validate_pools<'a>(
                 "must be greater than zero",
             );
         }
+        validate_resilience(pool, &path, errors);
         if pool.protocol == UpstreamProtocol::H2 && pool.tls.is_none() {
             errors.push(
                 format!("{path}.tls"),
@@ -421,7 +425,212 @@ fn validate_pools<'a>(
     names
 }
 
+fn positive(value: Dur, path: String, errors: &mut Errors) {
+    if value.0.is_zero() {
+        errors.push(path, "must be greater than zero");
+    }
+}
+
+fn percent(value: u32, path: String, errors: &mut Errors) {
+    if value > 100 {
+        errors.push(path, "must be between 0 and 100");
+    }
+}
+
+/// Balancer, health, outlier, breaker, limiter and budget settings of one pool.
+fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
+    match (pool.balancer, &pool.hash) {
+        (BalancerKind::ConsistentHash, None) => errors.push(
+            format!("{path}.hash"),
+            "required when balancer = \"consistent_hash\"",
+        ),
+        (BalancerKind::ConsistentHash, Some(hash)) => match (hash.on, &hash.name) {
+            (HashOn::Header, Some(name))
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() =>
+            {
+                errors.push(
+                    format!("{path}.hash.name"),
+                    format!("{name:?} is not a valid header name"),
+                )
+            }
+            (HashOn::Header | HashOn::Cookie, None) => errors.push(
+                format!("{path}.hash.name"),
+                "required when hash.on is \"header\" or \"cookie\"",
+            ),
+            (HashOn::Cookie, Some(name)) if name.is_empty() => {
+                errors.push(format!("{path}.hash.name"), "must not be empty")
+            }
+            _ => {}
+        },
+        (_, Some(_)) => errors.push(
+            format!("{path}.hash"),
+            "only used with balancer = \"consistent_hash\"",
+        ),
+        _ => {}
+    }
+    percent(
+        pool.panic_threshold,
+        format!("{path}.panic_threshold"),
+        errors,
+    );
+    if let Some(check) = &pool.health_check {
+        let at = format!("{path}.health_check");
+        positive(check.interval, format!("{at}.interval"), errors);
+        positive(check.timeout, format!("{at}.timeout"), errors);
+        if check.kind == HealthCheckKind::Http
+            && http::uri::PathAndQuery::try_from(check.path.as_str())
+                .map_or(true, |_| !check.path.starts_with('/'))
+        {
+            errors.push(format!("{at}.path"), "must be a path starting with \"/\"");
+        }
+        let [low, high] = check.expected_status;
+        if !(100..=599).contains(&low) || !(100..=599).contains(&high) || low > high {
+            errors.push(
+                format!("{at}.expected_status"),
+                "must be [low, high] with 100 <= low <= high <= 599",
+            );
+        }
+        if check.unhealthy_threshold == 0 {
+            errors.push(format!("{at}.unhealthy_threshold"), "must be at least 1");
+        }
+        if check.healthy_threshold == 0 {
+            errors.push(format!("{at}.healthy_threshold"), "must be at least 1");
+        }
+        if let Some(host) = &check.host {
+            if http::HeaderValue::from_str(host).is_err() || host.is_empty() {
+                errors.push(
+                    format!("{at}.host"),
+                    format!("{host:?} is not a valid host"),
+                );
+            }
+        }
+    }
+    if pool.passive_health.consecutive_failures > 0 {
+        positive(
+            pool.passive_health.ejection_time,
+            format!("{path}.passive_health.ejection_time"),
+            errors,
+        );
+    }
+    if let Some(outlier) = &pool.outlier_detection {
+        let at = format!("{path}.outlier_detection");
+        if outlier.consecutive_5xx == 0 && outlier.failure_percent == 0 {
+            errors.push(
+                format!("{at}.consecutive_5xx"),
+                "must be at least 1 unless failure_percent is set",
+            );
+        }
+        percent(
+            outlier.failure_percent,
+            format!("{at}.failure_percent"),
+            errors,
+        );
+        if outlier.failure_percent > 0 {
+            positive(outlier.interval, format!("{at}.interval"), errors);
+            if outlier.failure_min_requests == 0 {
+                errors.push(format!("{at}.failure_min_requests"), "must be at least 1");
+            }
+        }
+        positive(
+            outlier.base_ejection_time,
+            format!("{at}.base_ejection_time"),
+            errors,
+        );
+        if outlier.max_ejection_time.0 < outlier.base_ejection_time.0 {
+            errors.push(
+                format!("{at}.max_ejection_time"),
+                "must be at least base_ejection_time",
+            );
+        }
+        percent(
+            outlier.max_ejection_percent,
+            format!("{at}.max_ejection_percent"),
+            errors,
+        );
+    }
+    if let Some(breaker) = &pool.circuit_breaker {
+        let at = format!("{path}.circuit_breaker");
+        if breaker.error_percent == 0 {
+            errors.push(format!("{at}.error_percent"), "must be between 1 and 100");
+        }
+        percent(breaker.error_percent, format!("{at}.error_percent"), errors);
+        if breaker.min_requests == 0 {
+            errors.push(format!("{at}.min_requests"), "must be at least 1");
+        }
+        positive(breaker.window, format!("{at}.window"), errors);
+        positive(breaker.open_for, format!("{at}.open_for"), errors);
+        if breaker.half_open_probes == 0 {
+            errors.push(format!("{at}.half_open_probes"), "must be at least 1");
+        }
+    }
+    if let Some(limits) = &pool.concurrency {
+        let at = format!("{path}.concurrency");
+        if limits.max_concurrent == 0 || limits.max_concurrent > MAX_CONCURRENT {
+            errors.push(
+                format!("{at}.max_concurrent"),
+                format!("must be between 1 and {MAX_CONCURRENT}"),
+            );
+        }
+        if limits.max_queue > MAX_CONCURRENT {
+            errors.push(
+                format!("{at}.max_queue"),
+                format!("must be at most {MAX_CONCURRENT}"),
+            );
+        }
+        if limits.max_queue > 0 {
+            positive(limits.queue_timeout, format!("{at}.queue_timeout"), errors);
+        }
+    }
+    percent(
+        pool.retry_budget.percent,
+        format!("{path}.retry_budget.percent"),
+        errors,
+    );
+    positive(
+        pool.retry_budget.window,
+        format!("{path}.retry_budget.window"),
+        errors,
+    );
+}
+
+fn validate_retry(retry: &RetryConfig, path: &str, errors: &mut Errors) {
+    let at = format!("{path}.retry");
+    if retry.max_retries > MAX_RETRIES {
+        errors.push(
+            format!("{at}.max_retries"),
+            format!("must be at most {MAX_RETRIES}"),
+        );
+    }
+    if retry.on.contains(&RetryOn::RetriableStatus) && retry.statuses.is_empty() {
+        errors.push(
+            format!("{at}.statuses"),
+            "required with on = [\"retriable_status\"]",
+        );
+    }
+    for (index, status) in retry.statuses.iter().enumerate() {
+        if !(100..=599).contains(status) {
+            errors.push(
+                format!("{at}.statuses[{index}]"),
+                "must be between 100 and 599",
+            );
+        }
+    }
+    if retry.backoff_max.0 < retry.backoff_base.0 {
+        errors.push(format!("{at}.backoff_max"), "must be at least backoff_base");
+    }
+}
+
 fn validate_route(route: &RouteConfig, path: &str, pools: &HashSet<&str>, errors: &mut Errors) {
+    validate_retry(&route.retry, path, errors);
+    if let Some(hedge) = &route.hedge {
+        positive(hedge.delay, format!("{path}.hedge.delay"), errors);
+        if hedge.percentile.is_some_and(|p| !(1..=99).contains(&p)) {
+            errors.push(
+                format!("{path}.hedge.percentile"),
+                "must be between 1 and 99",
+            );
+        }
+    }
     let actions = [
         route.pool.is_some(),
         route.redirect.is_some(),

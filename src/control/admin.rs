@@ -1329,6 +1329,7 @@ fn status(control: &Control) -> Value {
         "listeners": listeners,
         "firewall": firewall_stats(&gateway.firewall_stats()),
         "guard": control.guard(),
+        "pools": gateway.upstream_status(),
     })
 }
 

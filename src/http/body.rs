@@ -194,6 +194,31 @@ impl RequestBody {
         }
     }
 
+    /// A buffered body sent again on a retry: one data frame, then the end.
+    pub fn replay(bytes: Bytes) -> RequestBody {
+        let mut body = RequestBody::empty();
+        if !bytes.is_empty() {
+            body.peeked = Some(Frame::data(bytes));
+        }
+        body
+    }
+
+    /// Reads the whole body into memory, for replay on retries, under its limit and timers.
+    /// `max` bounds it: a body longer than announced fails rather than growing without end.
+    pub async fn buffer(mut self, max: u64) -> Result<Bytes, BodyError> {
+        let mut buffer = bytes::BytesMut::new();
+        while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut self).poll_frame(cx)).await
+        {
+            if let Ok(data) = frame?.into_data() {
+                if (buffer.len() + data.len()) as u64 > max {
+                    return Err(BodyError::TooLarge { limit: max });
+                }
+                buffer.extend_from_slice(&data);
+            }
+        }
+        Ok(buffer.freeze())
+    }
+
     /// Starts tracking when this body last moved a frame or ended, from now on.
     pub fn track_progress(&mut self) -> BodyProgress {
         let progress = BodyProgress::new();
@@ -295,6 +320,9 @@ impl Body for RequestBody {
     fn size_hint(&self) -> SizeHint {
         match (&self.inner, &self.peeked) {
             (None, None) => SizeHint::with_exact(0),
+            (None, Some(frame)) => {
+                SizeHint::with_exact(frame.data_ref().map_or(0, |data| data.len() as u64))
+            }
             (Some(inner), None) => inner.size_hint(),
             _ => SizeHint::default(),
         }
@@ -315,6 +343,9 @@ pub struct ResponseBody {
     observer: Option<RequestObserver>,
     /// End a failed stream with gRPC status trailers instead of an error (a reset).
     grpc: bool,
+    /// Held until the body ends: the pool's concurrency slot and the endpoint's in-flight
+    /// count, so both cover the whole exchange, not just the wait for the head.
+    hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl ResponseBody {
@@ -325,6 +356,7 @@ impl ResponseBody {
             log: None,
             observer: None,
             grpc: false,
+            hold: None,
         }
     }
 
@@ -335,6 +367,7 @@ impl ResponseBody {
             log: None,
             observer: None,
             grpc: false,
+            hold: None,
         }
     }
 
@@ -345,6 +378,7 @@ impl ResponseBody {
             log: None,
             observer: None,
             grpc: false,
+            hold: None,
         }
     }
 
@@ -362,6 +396,12 @@ impl ResponseBody {
         self
     }
 
+    /// Keeps `value` alive until this body ends or is dropped.
+    pub fn with_hold(mut self, value: Box<dyn Send + Sync>) -> ResponseBody {
+        self.hold = Some(value);
+        self
+    }
+
     /// Attaches the access-log record; it is written when this body ends or is dropped.
     pub fn with_log(mut self, log: LogGuard) -> ResponseBody {
         self.log = Some(log);
@@ -371,6 +411,7 @@ impl ResponseBody {
     fn finish(&mut self, error: Option<&BodyError>) {
         self.source = Source::Empty;
         self.observer = None;
+        self.hold = None;
         if let Some(mut log) = self.log.take() {
             if let Some(error) = error {
                 log.body_error(error);

@@ -5,7 +5,7 @@ use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::{BodyError, ResponseBody};
-use crate::upstream::UpstreamError;
+use crate::upstream::{LimitError, UpstreamError};
 
 /// Everything that can stop the proxy from producing the upstream's response.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +22,18 @@ pub enum ProxyError {
     Upstream(#[from] UpstreamError),
     #[error("request body: {0}")]
     Body(#[from] BodyError),
+    /// The pool's circuit breaker is open (SPEC UP-6); the upstream was not contacted.
+    #[error("circuit breaker of pool {pool} is open")]
+    CircuitOpen {
+        pool: std::sync::Arc<str>,
+        retry_after: std::time::Duration,
+    },
+    /// The pool's concurrency limit and wait queue are full (SPEC UP-10).
+    #[error("pool {pool} is overloaded: {reason}")]
+    Overloaded {
+        pool: std::sync::Arc<str>,
+        reason: LimitError,
+    },
 }
 
 impl ProxyError {
@@ -65,6 +77,9 @@ impl ProxyError {
             }
             ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -88,6 +103,8 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::Request(_)) => "upstream_bad_response",
             ProxyError::Upstream(UpstreamError::ResponseTimeout(_)) => "upstream_timeout",
             ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => "no_healthy_upstream",
+            ProxyError::CircuitOpen { .. } => "circuit_open",
+            ProxyError::Overloaded { .. } => "overloaded",
         }
     }
 }
@@ -136,11 +153,32 @@ pub fn error_response(
         if status == StatusCode::SERVICE_UNAVAILABLE {
             response
                 .headers_mut()
-                .insert(RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(RETRY_AFTER, retry_after(error));
         }
         response
     };
+    let mut response = response;
+    if matches!(error, ProxyError::CircuitOpen { .. }) {
+        response
+            .headers_mut()
+            .insert(CIRCUIT_HEADER, HeaderValue::from_static("open"));
+    }
     response
+}
+
+/// Set on every answer of an open circuit breaker, for gRPC requests too, so a client or
+/// an on-call engineer can tell "refused by the gateway" from "failed at the backend".
+pub const CIRCUIT_HEADER: &str = "x-gatehouse-circuit";
+
+/// Seconds until an open breaker lets probes through (rounded up), else one second.
+fn retry_after(error: &ProxyError) -> HeaderValue {
+    match error {
+        ProxyError::CircuitOpen { retry_after, .. } => {
+            let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+            HeaderValue::from(secs.max(1))
+        }
+        _ => HeaderValue::from_static("1"),
+    }
 }
 
 /// The trailers that end a gRPC response whose body failed after the headers were sent.

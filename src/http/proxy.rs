@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, LOCATION, SERVER, TE,
     TRANSFER_ENCODING, UPGRADE, USER_AGENT,
 };
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -24,6 +26,7 @@ use tokio_util::task::TaskTracker;
 use super::body::{BodyProgress, RequestBody, ResponseBody, Timers};
 use super::error::{error_response, is_grpc, ProxyError};
 use super::headers::{self, ForwardInfo};
+use crate::config::RetryOn;
 use crate::config::{ListenerConfig, UpstreamProtocol};
 use crate::route::{normalize_host, RequestFacts};
 use crate::snapshot::{Action, PathRewrite, Publisher, Route, Snapshot};
@@ -31,7 +34,9 @@ use crate::telemetry::metrics::{self, UpstreamFailure};
 use crate::telemetry::otlp::{self, PendingTrace, SpanKind};
 use crate::telemetry::trace::{TraceContext, TRACEPARENT};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard, RequestObserver, RouteMetrics};
-use crate::upstream::{ClientAddrs, UpstreamError};
+use crate::upstream::{
+    Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, UpstreamError,
+};
 
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
 
@@ -330,7 +335,7 @@ impl Proxy {
         let Action::Forward(pool) = &route.action else {
             return Err(ProxyError::NoRoute);
         };
-        let snapshot = &exchange.snapshot;
+        let snapshot = exchange.snapshot.clone();
         let (mut parts, body) = request.into_parts();
         let downstream_version = parts.version;
 
@@ -388,36 +393,6 @@ impl Proxy {
             parts.headers.insert(UPGRADE, protocol.clone());
         }
 
-        let select_started = otlp::now_nanos();
-        let picked = pool.pick();
-        if let Some(spans) = exchange.spans.as_mut() {
-            let mut attributes = vec![("gatehouse.pool", pool.name.to_string())];
-            if let Ok(endpoint) = &picked {
-                attributes.push(("gatehouse.endpoint", endpoint.address.to_string()));
-            }
-            spans.child(
-                "upstream_select",
-                SpanKind::Internal,
-                otlp::new_span_id(),
-                select_started,
-                attributes,
-                picked.is_err(),
-            );
-        }
-        let endpoint = picked?;
-        endpoint.metrics.attempts.fetch_add(1, Ordering::Relaxed);
-        if let Some(log) = exchange.log.as_mut() {
-            log.record().pool = Some(pool.name.clone());
-            log.record().endpoint = Some(endpoint.address.clone());
-        }
-        let upstream_host: HeaderValue = match (&route.host_rewrite, route.preserve_host, &host_raw)
-        {
-            (Some(rewrite), _, _) => rewrite.clone(),
-            (None, true, Some(original)) => HeaderValue::from_str(original)
-                .map_err(|_| ProxyError::BadRequest("invalid host"))?,
-            _ => HeaderValue::from_str(&endpoint.address)
-                .map_err(|_| ProxyError::BadRequest("invalid host"))?,
-        };
         headers::set_forwarding(
             &mut parts.headers,
             &ForwardInfo {
@@ -453,83 +428,259 @@ impl Proxy {
                 parts.headers.insert(header, value);
             }
         }
-
         let path_and_query = rewritten_path(&route.rewrite, &parts.uri);
-        parts.uri = match pool.protocol {
-            UpstreamProtocol::Http1 => {
-                parts.version = Version::HTTP_11;
-                parts.headers.insert(HOST, upstream_host);
-                Uri::try_from(path_and_query)
-                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?
-            }
-            UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-                parts.version = Version::HTTP_2;
-                let authority = upstream_host
-                    .to_str()
-                    .map_err(|_| ProxyError::BadRequest("invalid host"))?;
-                Uri::builder()
-                    .scheme(if pool.protocol == UpstreamProtocol::H2 {
-                        "https"
-                    } else {
-                        "http"
-                    })
-                    .authority(authority)
-                    .path_and_query(path_and_query)
-                    .build()
-                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?
-            }
+        if let Some(log) = exchange.log.as_mut() {
+            log.record().pool = Some(pool.name.clone());
+        }
+
+        // Overload protection first: a queued request holds nothing else yet.
+        let slot = match &pool.resilience.concurrency {
+            Some(limits) => match pool.state.limiter(limits).acquire().await {
+                Ok(permit) => Some(permit),
+                Err(reason) => {
+                    pool.state
+                        .counters
+                        .overload_rejections
+                        .fetch_add(1, Ordering::Relaxed);
+                    flag(exchange, "overloaded");
+                    return Err(ProxyError::Overloaded {
+                        pool: pool.name.clone(),
+                        reason,
+                    });
+                }
+            },
+            None => None,
         };
 
-        let progress = body.track_progress();
-        let upstream_request = Request::from_parts(parts, body);
-        let sent_at = Instant::now();
-        let attempt_started = otlp::now_nanos();
-        let response = response_head(
-            endpoint.connections.send(
-                upstream_request,
-                &pool.settings,
-                ClientAddrs {
-                    client: conn.peer,
-                    local: conn.local,
-                },
-            ),
-            &progress,
-            route.timeouts.response_header,
-            deadline,
-        )
-        .await;
-        if let Some(spans) = exchange.spans.as_mut() {
-            let mut attributes = vec![
-                ("gatehouse.pool", pool.name.to_string()),
-                ("server.address", endpoint.address.to_string()),
-            ];
-            match &response {
-                Ok(response) => attributes.push((
-                    "http.response.status_code",
-                    response.status().as_str().to_owned(),
-                )),
-                Err(error) => attributes.push(("error.type", error.code().to_owned())),
+        // A body can be sent again only if it is kept: no body, or a small one buffered
+        // here. A streamed body (large, unknown length, or an upgrade) gets one attempt.
+        let retry = &route.retry;
+        let mut replay: Option<Bytes> = None;
+        let mut streamed = Some(body);
+        if upgrade.is_none() && (retry.max_retries > 0 || route.hedge.is_some()) {
+            let declared = parts
+                .headers
+                .get(CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok());
+            let small = declared.is_some_and(|length| length <= retry.max_replay_body.0);
+            match streamed.take() {
+                Some(body) if body.is_end_stream() => replay = Some(Bytes::new()),
+                Some(body) if small => {
+                    replay = Some(body.buffer(retry.max_replay_body.0).await?);
+                }
+                other => streamed = other,
             }
-            spans.child(
-                "upstream_attempt",
-                SpanKind::Client,
-                attempt_span,
-                attempt_started,
-                attributes,
-                response
-                    .as_ref()
-                    .map_or(true, |r| r.status().is_server_error()),
-            );
         }
-        let response = response.inspect_err(|error| {
-            if let Some(kind) = upstream_failure(error) {
-                endpoint.metrics.failed(kind);
+        let idempotent = is_idempotent(&parts.method) || retry.non_idempotent;
+        pool.state.budget_request(&pool.resilience.budget);
+        let pick_context = PickContext {
+            client_ip,
+            headers: &parts.headers,
+        };
+        let per_try = retry
+            .per_try_timeout
+            .non_zero()
+            .map_or(route.timeouts.response_header, |t| {
+                t.min(route.timeouts.response_header)
+            });
+        let mut tried: Vec<usize> = Vec::new();
+        let (response, endpoint, in_flight, sent_at) = loop {
+            let admission = match &pool.resilience.breaker {
+                Some(config) => match pool.state.breaker.lock().admit(config) {
+                    Ok(admission) => Some(admission),
+                    Err(retry_after) => {
+                        pool.state
+                            .counters
+                            .circuit_rejections
+                            .fetch_add(1, Ordering::Relaxed);
+                        flag(exchange, "circuit_open");
+                        return Err(ProxyError::CircuitOpen {
+                            pool: pool.name.clone(),
+                            retry_after,
+                        });
+                    }
+                },
+                None => None,
+            };
+            let select_started = otlp::now_nanos();
+            let picked = pool.pick_for(&pick_context, &tried);
+            if let Some(spans) = exchange.spans.as_mut() {
+                let mut attributes = vec![("gatehouse.pool", pool.name.to_string())];
+                if let Ok(picked) = &picked {
+                    attributes.push(("gatehouse.endpoint", picked.endpoint.address.to_string()));
+                }
+                spans.child(
+                    "upstream_select",
+                    SpanKind::Internal,
+                    otlp::new_span_id(),
+                    select_started,
+                    attributes,
+                    picked.is_err(),
+                );
             }
-        })?;
-        let upstream_elapsed = sent_at.elapsed();
-        endpoint.metrics.response.observe(upstream_elapsed);
+            let picked = picked?;
+            let attempt_started = otlp::now_nanos();
+            if picked.panic {
+                flag(exchange, "panic");
+            }
+            let endpoint = picked.endpoint;
+            tried.push(picked.index);
+            if let Some(log) = exchange.log.as_mut() {
+                log.record().endpoint = Some(endpoint.address.clone());
+                log.record().attempts = Some(tried.len() as u32);
+            }
+            let body = |streamed: &mut Option<RequestBody>| match (&replay, streamed.take()) {
+                (Some(bytes), _) => RequestBody::replay(bytes.clone()),
+                (None, Some(body)) => body,
+                (None, None) => RequestBody::empty(),
+            };
+            let attempt = Attempt {
+                conn,
+                parts: &parts,
+                path_and_query: &path_and_query,
+                route,
+                pool,
+                host_raw: &host_raw,
+                per_try,
+                deadline,
+            };
+            let first = attempt.run(endpoint, body(&mut streamed));
+            // Hedging (SPEC UP-8): a safe read whose first attempt is slow gets a second
+            // one on another endpoint; the first good response head wins and the other
+            // attempt is dropped, which closes its connection.
+            let hedge = route
+                .hedge
+                .as_ref()
+                .filter(|_| tried.len() == 1 && replay.is_some() && is_safe(&parts.method));
+            let (result, endpoint, in_flight, sent_at) = match hedge {
+                None => {
+                    let (result, in_flight, sent_at) = first.await;
+                    (result, endpoint, in_flight, sent_at)
+                }
+                Some(hedge) => {
+                    let mut first = std::pin::pin!(first);
+                    tokio::select! {
+                        (result, in_flight, sent_at) = first.as_mut() => (result, endpoint, in_flight, sent_at),
+                        () = tokio::time::sleep(hedge_delay(hedge, pool)) => {
+                            let second = pool.pick_for(&pick_context, &tried).ok().filter(|p| !tried.contains(&p.index));
+                            match second {
+                                None => {
+                                    let (result, in_flight, sent_at) = first.await;
+                                    (result, endpoint, in_flight, sent_at)
+                                }
+                                Some(second) => {
+                                    tried.push(second.index);
+                                    flag(exchange, "hedged");
+                                    let other = second.endpoint;
+                                    let mut hedged = std::pin::pin!(attempt.run(other, body(&mut streamed)));
+                                    let good = |r: &Result<Response<Incoming>, ProxyError>| {
+                                        r.as_ref().is_ok_and(|r| !r.status().is_server_error())
+                                    };
+                                    tokio::select! {
+                                        (result, in_flight, sent_at) = first.as_mut() => {
+                                            if good(&result) {
+                                                (result, endpoint, in_flight, sent_at)
+                                            } else {
+                                                report(pool, endpoint, &result, None);
+                                                let (result, in_flight, sent_at) = hedged.await;
+                                                (result, other, in_flight, sent_at)
+                                            }
+                                        }
+                                        (result, in_flight, sent_at) = hedged.as_mut() => {
+                                            if good(&result) {
+                                                (result, other, in_flight, sent_at)
+                                            } else {
+                                                report(pool, other, &result, None);
+                                                let (result, in_flight, sent_at) = first.await;
+                                                (result, endpoint, in_flight, sent_at)
+                                            }
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            };
+            if let Some(log) = exchange.log.as_mut() {
+                log.record().endpoint = Some(endpoint.address.clone());
+                log.record().attempts = Some(tried.len() as u32);
+            }
+            let (_, condition) = classify(&result);
+            report(pool, endpoint, &result, admission);
+            if let Some(spans) = exchange.spans.as_mut() {
+                let mut attributes = vec![
+                    ("gatehouse.pool", pool.name.to_string()),
+                    ("server.address", endpoint.address.to_string()),
+                ];
+                match &result {
+                    Ok(response) => attributes.push((
+                        "http.response.status_code",
+                        response.status().as_str().to_owned(),
+                    )),
+                    Err(error) => attributes.push(("error.type", error.code().to_owned())),
+                }
+                // Retries share the request's attempt span id, which the upstream saw as
+                // its parent in `traceparent`.
+                spans.child(
+                    "upstream_attempt",
+                    SpanKind::Client,
+                    attempt_span,
+                    attempt_started,
+                    attributes,
+                    result
+                        .as_ref()
+                        .map_or(true, |r| r.status().is_server_error()),
+                );
+            }
+            let status_listed = result.as_ref().is_ok_and(|response| {
+                retry.on.contains(&RetryOn::RetriableStatus)
+                    && retry.statuses.contains(&response.status().as_u16())
+            });
+            let retryable =
+                status_listed || condition.is_some_and(|condition| retry.on.contains(&condition));
+            let safe = idempotent || condition == Some(RetryOn::ConnectFailure);
+            let may_retry = retryable
+                && safe
+                && replay.is_some()
+                && (tried.len() as u32) <= retry.max_retries
+                && deadline.is_none_or(|deadline| Instant::now() < deadline);
+            if !may_retry {
+                match result {
+                    Ok(response) => break (response, endpoint, in_flight, sent_at),
+                    Err(err) => return Err(err),
+                }
+            }
+            if !pool.state.budget_retry(&pool.resilience.budget) {
+                flag(exchange, "retry_budget_exhausted");
+                tracing::debug!(pool = %pool.name, "retry budget exhausted");
+                match result {
+                    Ok(response) => break (response, endpoint, in_flight, sent_at),
+                    Err(err) => return Err(err),
+                }
+            }
+            flag(exchange, "retried");
+            // The failed attempt's response (a 5xx head) is dropped unread: nothing of it has
+            // reached the client, and its connection closes instead of returning to the pool.
+            drop(result);
+            drop(in_flight);
+            let pause = backoff(
+                tried.len() as u32 - 1,
+                retry.backoff_base.0,
+                retry.backoff_max.0,
+                &mut fastrand::Rng::new(),
+            );
+            match deadline {
+                Some(deadline) => {
+                    tokio::time::sleep_until((Instant::now() + pause).min(deadline)).await
+                }
+                None => tokio::time::sleep(pause).await,
+            }
+        };
         if let Some(log) = exchange.log.as_mut() {
-            log.record().upstream_ms = Some(upstream_elapsed.as_secs_f64() * 1000.0);
+            log.record().upstream_ms = Some(sent_at.elapsed().as_secs_f64() * 1000.0);
+            log.record().endpoint = Some(endpoint.address.clone());
         }
 
         let (mut parts, body) = response.into_parts();
@@ -555,12 +706,231 @@ impl Proxy {
             headers::append_via(&mut parts.headers, parts.version);
         }
         let timers = Timers::new(route.timeouts.idle, deadline);
-        let mut body = ResponseBody::upstream(body, timers);
+        let mut body = ResponseBody::upstream(body, timers).with_hold(Box::new((slot, in_flight)));
         if exchange.grpc && is_grpc(&parts.headers) {
             body = body.with_grpc_status_on_error();
         }
         Ok(Response::from_parts(parts, body))
     }
+}
+
+/// One attempt's upstream request: the prepared head with the endpoint's `Host` or
+/// `:authority`, and the body to send.
+fn upstream_request(
+    parts: &http::request::Parts,
+    path_and_query: &str,
+    route: &Route,
+    pool: &Pool,
+    host_raw: &Option<String>,
+    address: &str,
+    mut body: RequestBody,
+) -> Result<(Request<RequestBody>, BodyProgress), ProxyError> {
+    let upstream_host: HeaderValue = match (&route.host_rewrite, route.preserve_host, host_raw) {
+        (Some(rewrite), _, _) => rewrite.clone(),
+        (None, true, Some(original)) => {
+            HeaderValue::from_str(original).map_err(|_| ProxyError::BadRequest("invalid host"))?
+        }
+        _ => HeaderValue::from_str(address).map_err(|_| ProxyError::BadRequest("invalid host"))?,
+    };
+    let mut builder = Request::builder()
+        .method(parts.method.clone())
+        .version(parts.version);
+    if let Some(headers) = builder.headers_mut() {
+        *headers = parts.headers.clone();
+    }
+    let uri = match pool.protocol {
+        UpstreamProtocol::Http1 => {
+            builder = builder.version(Version::HTTP_11);
+            if let Some(headers) = builder.headers_mut() {
+                headers.insert(HOST, upstream_host);
+            }
+            Uri::try_from(path_and_query)
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?
+        }
+        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
+            builder = builder.version(Version::HTTP_2);
+            let authority = upstream_host
+                .to_str()
+                .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+            Uri::builder()
+                .scheme(if pool.protocol == UpstreamProtocol::H2 {
+                    "https"
+                } else {
+                    "http"
+                })
+                .authority(authority)
+                .path_and_query(path_and_query)
+                .build()
+                .map_err(|_| ProxyError::BadRequest("invalid request target"))?
+        }
+    };
+    let progress = body.track_progress();
+    let request = builder
+        .uri(uri)
+        .body(body)
+        .map_err(|_| ProxyError::BadRequest("invalid request"))?;
+    Ok((request, progress))
+}
+
+/// Records a resilience event on the request's access-log line.
+fn flag(exchange: &mut Exchange, name: &'static str) {
+    if let Some(log) = exchange.log.as_mut() {
+        let flags = &mut log.record().flags;
+        if !flags.contains(&name) {
+            flags.push(name);
+        }
+    }
+}
+
+/// Feeds an attempt's result to the endpoint's health and outlier tracking and, for the
+/// attempt the breaker admitted, to the breaker. A result that says nothing about the
+/// upstream (the client's body failed, the request was invalid) counts as a success for
+/// the breaker, so a half-open probe slot is never lost.
+fn report(
+    pool: &Pool,
+    endpoint: &Endpoint,
+    result: &Result<Response<Incoming>, ProxyError>,
+    admission: Option<Admission>,
+) {
+    let (outcome, _) = classify(result);
+    if let Some(outcome) = outcome {
+        pool.report(endpoint, outcome);
+    }
+    if let (Some(config), Some(admission)) = (&pool.resilience.breaker, admission) {
+        let failed = outcome.is_some_and(|outcome| outcome != Outcome::Success);
+        let changed = pool.state.breaker.lock().record(config, admission, failed);
+        if let Some(state) = changed {
+            tracing::warn!(pool = %pool.name, state = ?state, "circuit breaker changed state");
+        }
+    }
+}
+
+/// Everything one upstream attempt needs besides its endpoint and body.
+struct Attempt<'a> {
+    conn: &'a Connection,
+    parts: &'a http::request::Parts,
+    path_and_query: &'a str,
+    route: &'a Route,
+    pool: &'a Pool,
+    host_raw: &'a Option<String>,
+    per_try: Duration,
+    deadline: Option<Instant>,
+}
+
+impl Attempt<'_> {
+    /// Sends the request to `endpoint` and waits for the response head under the per-try
+    /// wait and the deadline. The endpoint counts the request in flight until the returned
+    /// guard drops (with the response body, for the winning attempt).
+    async fn run(
+        &self,
+        endpoint: &Endpoint,
+        body: RequestBody,
+    ) -> (Result<Response<Incoming>, ProxyError>, InFlight, Instant) {
+        let in_flight = endpoint.state.start_request();
+        endpoint.metrics.attempts.fetch_add(1, Ordering::Relaxed);
+        let sent_at = Instant::now();
+        let request = upstream_request(
+            self.parts,
+            self.path_and_query,
+            self.route,
+            self.pool,
+            self.host_raw,
+            &endpoint.address,
+            body,
+        );
+        let (request, progress) = match request {
+            Ok(request) => request,
+            Err(err) => return (Err(err), in_flight, sent_at),
+        };
+        let result = response_head(
+            endpoint.connections.send(
+                request,
+                &self.pool.settings,
+                ClientAddrs {
+                    client: self.conn.peer,
+                    local: self.conn.local,
+                },
+            ),
+            &progress,
+            self.per_try,
+            self.deadline,
+        )
+        .await;
+        match &result {
+            Ok(response) => {
+                endpoint.metrics.response.observe(sent_at.elapsed());
+                if !response.status().is_server_error() {
+                    self.pool.state.latencies.record(sent_at.elapsed());
+                }
+            }
+            Err(error) => {
+                if let Some(kind) = upstream_failure(error) {
+                    endpoint.metrics.failed(kind);
+                }
+            }
+        }
+        (result, in_flight, sent_at)
+    }
+}
+
+/// The hedge delay: the pool's latency percentile when configured and known, else the
+/// fixed delay.
+fn hedge_delay(hedge: &crate::config::HedgeConfig, pool: &Pool) -> Duration {
+    hedge
+        .percentile
+        .and_then(|percentile| pool.state.latencies.percentile(percentile))
+        .unwrap_or(hedge.delay.0)
+}
+
+/// Methods safe to hedge: reads with no effect (RFC 9110 §9.2.1), sent twice at once.
+fn is_safe(method: &http::Method) -> bool {
+    method == http::Method::GET || method == http::Method::HEAD
+}
+
+/// RFC 9110 §9.2.2: methods whose repetition has the same effect as one request.
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PUT,
+        Method::DELETE,
+    ]
+    .contains(method)
+}
+
+/// What an attempt's result means for health tracking and which retry condition it meets.
+/// Failures of the client's own request body count for neither.
+fn classify(result: &Result<Response<Incoming>, ProxyError>) -> (Option<Outcome>, Option<RetryOn>) {
+    match result {
+        Ok(response) if response.status().is_server_error() => {
+            (Some(Outcome::Failure), Some(RetryOn::ServerError))
+        }
+        Ok(_) => (Some(Outcome::Success), None),
+        Err(ProxyError::Upstream(
+            UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::Handshake { .. }
+            | UpstreamError::Tls { .. },
+        )) => (Some(Outcome::ConnectFailure), Some(RetryOn::ConnectFailure)),
+        Err(ProxyError::Upstream(UpstreamError::Request(_))) => {
+            (Some(Outcome::Failure), Some(RetryOn::Reset))
+        }
+        Err(ProxyError::Upstream(UpstreamError::ResponseTimeout(_))) => {
+            (Some(Outcome::Failure), Some(RetryOn::PerTryTimeout))
+        }
+        Err(_) => (None, None),
+    }
+}
+
+/// "Full jitter" exponential backoff (AWS architecture blog): a uniformly random pause in
+/// [0, min(max, base × 2ⁿ)] before retry n (0-based), so synchronized clients spread out.
+pub fn backoff(retry: u32, base: Duration, max: Duration, rng: &mut fastrand::Rng) -> Duration {
+    let ceiling = base.saturating_mul(1u32 << retry.min(20)).min(max);
+    let ceiling_us = u64::try_from(ceiling.as_micros()).unwrap_or(u64::MAX);
+    Duration::from_micros(rng.u64(..=ceiling_us))
 }
 
 /// Waits for the upstream's response head. `timeouts.response_header` runs from the request
@@ -791,6 +1161,42 @@ async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_is_jittered_exponential_and_capped() {
+        let base = Duration::from_millis(25);
+        let max = Duration::from_millis(250);
+        let mut rng = fastrand::Rng::with_seed(42);
+        for retry in 0..8u32 {
+            let ceiling = (base * 2u32.pow(retry)).min(max);
+            let pauses: Vec<Duration> = (0..200)
+                .map(|_| backoff(retry, base, max, &mut rng))
+                .collect();
+            assert!(pauses.iter().all(|p| *p <= ceiling), "retry {retry}");
+            // Jitter: 200 draws from [0, ceiling] spread out (a fixed backoff would give one
+            // value); the mean is within 20 % of ceiling / 2.
+            let distinct: std::collections::HashSet<_> = pauses.iter().collect();
+            assert!(
+                distinct.len() > 150,
+                "retry {retry}: {} distinct",
+                distinct.len()
+            );
+            let mean = pauses.iter().sum::<Duration>() / 200;
+            let half = ceiling / 2;
+            assert!(
+                mean > half * 4 / 5 && mean < half * 6 / 5,
+                "retry {retry}: mean {mean:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn idempotent_methods() {
+        assert!(is_idempotent(&http::Method::GET));
+        assert!(is_idempotent(&http::Method::PUT));
+        assert!(!is_idempotent(&http::Method::POST));
+        assert!(!is_idempotent(&http::Method::PATCH));
+    }
 
     #[test]
     fn grpc_timeout_units() {

@@ -25,6 +25,7 @@ use crate::http::{serve_connection, ConnInfo, Proxy, TlsInfo};
 use crate::l4::client_hello::{self, Sniff};
 use crate::l4::relay;
 use crate::snapshot::{CompiledListener, RelayTarget, Snapshot, SniDecision};
+use crate::upstream::Outcome;
 
 /// Why the pipeline closed a connection before serving it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -314,9 +315,17 @@ async fn connect_backend(
         backend.write_all(buffered).await?;
         Ok(backend)
     };
-    tokio::time::timeout(timeout, connect)
+    let result = tokio::time::timeout(timeout, connect)
         .await
-        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()));
+    // Relayed connections feed passive health like proxied requests, so a dead endpoint
+    // of an L4 pool is ejected too.
+    let outcome = match &result {
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::ConnectFailure,
+    };
+    target.pool.report(endpoint, outcome);
+    result
 }
 
 fn count(accepted: &Accepted, reason: Refusal) {

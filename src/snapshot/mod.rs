@@ -92,6 +92,9 @@ pub struct Route {
     pub require_client_cert: bool,
     /// This route's request counters and latency histogram (labels resolved at compile).
     pub metrics: Arc<crate::telemetry::RouteMetrics>,
+    /// Retry policy (SPEC UP-7); the budget belongs to the pool.
+    pub retry: crate::config::RetryConfig,
+    pub hedge: Option<crate::config::HedgeConfig>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -472,6 +475,8 @@ fn compile_route(
         },
         max_request_body: route.max_request_body.map(|size| size.non_zero()),
         require_client_cert: route.require_client_cert,
+        retry: route.retry.clone(),
+        hedge: route.hedge.clone(),
     })
 }
 
@@ -504,6 +509,7 @@ impl Publisher {
         let registries = Registries::default();
         let snapshot = compile(config, 1, &registries)?;
         install_certificates(&registries, &snapshot);
+        registries.upstreams.start_checks(snapshot.pools.values());
         Ok(Publisher {
             current: ArcSwap::from_pointee(snapshot),
             registries,
@@ -535,6 +541,7 @@ impl Publisher {
         install_certificates(&self.registries, &snapshot);
         self.current.store(snapshot.clone());
         upstreams.retain(&pools);
+        upstreams.start_checks(snapshot.pools.values());
         Ok(snapshot)
     }
 }

@@ -191,6 +191,13 @@ pub struct AccessRecord {
     /// Subject of the verified client certificate (mTLS).
     #[serde(skip_serializing_if = "Option::is_none", serialize_with = "opt_as_str")]
     pub client_cert_subject: Option<Arc<str>>,
+    /// Upstream attempts made (more than one when retried or hedged).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<u32>,
+    /// Resilience events on this request: `retried`, `retry_budget_exhausted`, `panic`,
+    /// `circuit_open`, `overloaded`, `hedged`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<&'static str>,
 }
 
 fn as_str<S: serde::Serializer>(value: &Arc<str>, serializer: S) -> Result<S::Ok, S::Error> {

@@ -9,6 +9,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use super::UpstreamError;
-use crate::config::{ProxyProtocolVersion, UpstreamProtocol};
+use crate::config::{HealthCheckConfig, HealthCheckKind, ProxyProtocolVersion, UpstreamProtocol};
 use crate::http::body::RequestBody;
 use crate::listener::proxy_protocol;
 use crate::tls::UpstreamTlsConnector;
@@ -51,6 +52,10 @@ pub struct ConnSettings {
     pub connect_timeout: Duration,
     pub max_idle: usize,
     pub idle_timeout: Duration,
+    /// Requests an HTTP/1.1 connection carries before it is closed; `None`: unlimited.
+    pub max_requests: Option<u32>,
+    /// Age after which a connection takes no new requests; `None`: unlimited.
+    pub max_lifetime: Option<Duration>,
 }
 
 /// An HTTP/1.1 connection that is not carrying a request for us: idle, or still finishing
@@ -64,6 +69,12 @@ struct Parked {
     /// When the connection last delivered a response head. Idle time is counted from here,
     /// which errs towards closing a connection slightly early, never late.
     since: Instant,
+    /// The address generation it was dialled in; older ones are not reused (DNS changed).
+    generation: u64,
+    /// When the connection was dialled, for `max_lifetime`.
+    born: Instant,
+    /// Requests it has carried, for `max_requests`.
+    served: u32,
 }
 
 /// The HTTP/1.1 connections of one endpoint. A plain list checked under a short lock
@@ -76,7 +87,12 @@ struct Http1Pool {
 
 /// The multiplexed HTTP/2 connections of one endpoint: one shared by every client, or with
 /// a PROXY header one per client (at most `max_idle`, the oldest replaced first).
-type SharedH2 = Vec<(Option<SocketAddr>, http2::SendRequest<RequestBody>)>;
+type SharedH2 = Vec<(
+    Option<SocketAddr>,
+    u64,
+    Instant,
+    http2::SendRequest<RequestBody>,
+)>;
 
 enum Conns {
     Http1(Mutex<Http1Pool>),
@@ -96,6 +112,14 @@ pub struct Connections {
     transport: Transport,
     /// Connect latency is observed here; set by the registry that creates the endpoint.
     metrics: Option<Arc<crate::telemetry::EndpointMetrics>>,
+    /// For DNS names: the addresses last resolved by the refresher (`upstream::dns`),
+    /// dialled in order; empty until the first refresh, when the name is resolved per dial.
+    resolved: Mutex<Vec<SocketAddr>>,
+    /// Bumped when the resolved addresses change: pooled connections of an older
+    /// generation are closed instead of reused, so traffic follows the new addresses.
+    generation: AtomicU64,
+    /// The DNS refresh task and its interval.
+    pub(super) refresher: Mutex<Option<(Duration, tokio::task::AbortHandle)>>,
 }
 
 impl Connections {
@@ -113,6 +137,9 @@ impl Connections {
             literal,
             conns,
             transport,
+            resolved: Mutex::new(Vec::new()),
+            generation: AtomicU64::new(0),
+            refresher: Mutex::new(None),
             metrics: None,
         }
     }
@@ -144,6 +171,41 @@ impl Connections {
         }
     }
 
+    pub fn address(&self) -> &Arc<str> {
+        &self.address
+    }
+
+    /// Whether the endpoint is a DNS name (not an IP literal).
+    pub fn is_name(&self) -> bool {
+        self.literal.is_none()
+    }
+
+    /// Records a fresh resolution of the endpoint's name. When the addresses changed from
+    /// the last known ones, pooled connections are retired and true is returned.
+    pub fn update_resolved(&self, mut addrs: Vec<SocketAddr>) -> bool {
+        addrs.sort_unstable();
+        addrs.dedup();
+        if addrs.is_empty() {
+            // A failed or empty lookup keeps the last good answer (as nginx and HAProxy do).
+            return false;
+        }
+        let mut resolved = self.resolved.lock();
+        if *resolved == addrs {
+            return false;
+        }
+        let first = resolved.is_empty();
+        *resolved = addrs;
+        drop(resolved);
+        if first {
+            return false;
+        }
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        if let Conns::H2 { shared, .. } = &self.conns {
+            shared.lock().clear();
+        }
+        true
+    }
+
     /// Sends one request and returns the response head with its streaming body.
     pub async fn send(
         self: &Arc<Self>,
@@ -172,10 +234,10 @@ impl Connections {
     ) -> Result<Response<Incoming>, UpstreamError> {
         // A pooled connection may have been closed by the backend a moment ago; hyper hands
         // the request back when it was not written, and it goes out on a fresh connection.
-        while let Some(mut sender) = self.checkout_idle(pool, settings, owner) {
+        while let Some((mut sender, born, served)) = self.checkout_idle(pool, settings, owner) {
             match sender.try_send_request(request).await {
                 Ok(response) => {
-                    self.recycle(sender, settings, owner);
+                    self.recycle(sender, settings, owner, born, served + 1);
                     return Ok(response);
                 }
                 Err(mut err) => match err.take_message() {
@@ -194,11 +256,12 @@ impl Connections {
                     source,
                 })?;
         drive(connection.with_upgrades(), "HTTP/1");
+        let born = Instant::now();
         let response = sender
             .send_request(request)
             .await
             .map_err(UpstreamError::Request)?;
-        self.recycle(sender, settings, owner);
+        self.recycle(sender, settings, owner, born, 1);
         Ok(response)
     }
 
@@ -209,18 +272,22 @@ impl Connections {
         pool: &Mutex<Http1Pool>,
         settings: &ConnSettings,
         owner: Option<SocketAddr>,
-    ) -> Option<http1::SendRequest<RequestBody>> {
+    ) -> Option<(http1::SendRequest<RequestBody>, Instant, u32)> {
         let mut pool = pool.lock();
         let mut index = pool.parked.len();
         while index > 0 {
             index -= 1;
             let conn = &pool.parked[index];
-            if conn.sender.is_closed() {
+            if conn.sender.is_closed() || conn.generation != self.generation.load(Ordering::Acquire)
+            {
                 pool.parked.swap_remove(index);
             } else if conn.client == owner && conn.sender.is_ready() {
                 let conn = pool.parked.swap_remove(index);
-                if conn.since.elapsed() < settings.idle_timeout {
-                    return Some(conn.sender);
+                let too_old = settings
+                    .max_lifetime
+                    .is_some_and(|lifetime| conn.born.elapsed() >= lifetime);
+                if conn.since.elapsed() < settings.idle_timeout && !too_old {
+                    return Some((conn.sender, conn.born, conn.served));
                 }
             }
         }
@@ -234,10 +301,17 @@ impl Connections {
         sender: http1::SendRequest<RequestBody>,
         settings: &ConnSettings,
         owner: Option<SocketAddr>,
+        born: Instant,
+        served: u32,
     ) {
         let Conns::Http1(pool) = &self.conns else {
             return;
         };
+        // A connection that has carried its last request is not parked: dropping the
+        // sender lets hyper close it once this exchange completes.
+        if settings.max_requests.is_some_and(|max| served >= max) {
+            return;
+        }
         let mut pool = pool.lock();
         pool.parked.retain(|conn| !conn.sender.is_closed());
         let idle = pool
@@ -250,6 +324,9 @@ impl Connections {
                 sender,
                 client: owner,
                 since: Instant::now(),
+                generation: self.generation.load(Ordering::Acquire),
+                born,
+                served,
             });
         }
     }
@@ -263,11 +340,11 @@ impl Connections {
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let mut sender = match self.live_h2(shared, owner) {
+        let mut sender = match self.live_h2(shared, owner, settings) {
             Some(sender) => sender,
             None => {
                 let _dialing = dialing.lock().await;
-                match self.live_h2(shared, owner) {
+                match self.live_h2(shared, owner, settings) {
                     Some(sender) => sender,
                     None => {
                         let sender = self.dial_h2(settings, addrs).await?;
@@ -275,7 +352,12 @@ impl Connections {
                         if shared.len() >= settings.max_idle.max(1) {
                             shared.remove(0);
                         }
-                        shared.push((owner, sender.clone()));
+                        shared.push((
+                            owner,
+                            self.generation.load(Ordering::Acquire),
+                            Instant::now(),
+                            sender.clone(),
+                        ));
                         sender
                     }
                 }
@@ -292,13 +374,22 @@ impl Connections {
         &self,
         shared: &Mutex<SharedH2>,
         owner: Option<SocketAddr>,
+        settings: &ConnSettings,
     ) -> Option<http2::SendRequest<RequestBody>> {
+        let generation = self.generation.load(Ordering::Acquire);
         let mut shared = shared.lock();
-        shared.retain(|(_, sender)| !sender.is_closed());
+        // Streams already open on a retired connection keep their own handle and finish.
+        shared.retain(|(_, dialled_in, born, sender)| {
+            !sender.is_closed()
+                && *dialled_in == generation
+                && settings
+                    .max_lifetime
+                    .is_none_or(|lifetime| born.elapsed() < lifetime)
+        });
         shared
             .iter()
-            .find(|(client, _)| *client == owner)
-            .map(|(_, sender)| sender.clone())
+            .find(|(client, _, _, _)| *client == owner)
+            .map(|(_, _, _, sender)| sender.clone())
     }
 
     async fn dial_h2(
@@ -331,8 +422,10 @@ impl Connections {
         addrs: ClientAddrs,
     ) -> Result<TokioIo<UpstreamIo>, UpstreamError> {
         let connect = async {
+            let resolved = self.resolved.lock().clone();
             let mut stream = match self.literal {
                 Some(addr) => TcpStream::connect(addr).await,
+                None if !resolved.is_empty() => TcpStream::connect(&resolved[..]).await,
                 None => TcpStream::connect(&*self.address).await,
             }
             .map_err(|source| UpstreamError::Connect {
@@ -388,6 +481,56 @@ impl Connections {
         Ok(TokioIo::new(io))
     }
 
+    /// One active health check over a fresh connection (never a pooled one: a check must
+    /// see what a new request would see). TCP checks pass once connected (TLS and PROXY
+    /// header included); HTTP checks need a status in the expected range within the timeout.
+    pub async fn probe(&self, config: &HealthCheckConfig, settings: &ConnSettings) -> bool {
+        let unspecified = SocketAddr::from(([127, 0, 0, 1], 0));
+        let addrs = ClientAddrs {
+            client: unspecified,
+            local: unspecified,
+        };
+        let check = async {
+            let io = self.dial(settings, addrs).await.ok()?;
+            if config.kind == HealthCheckKind::Tcp {
+                return Some(true);
+            }
+            let host = config.host.as_deref().unwrap_or(&self.address);
+            let status = if matches!(self.conns, Conns::H2 { .. }) {
+                let scheme = if self.transport.tls.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                let uri = format!("{scheme}://{host}{}", config.path);
+                let request = Request::get(uri).body(RequestBody::empty()).ok()?;
+                let (mut sender, connection) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .handshake(io)
+                    .await
+                    .ok()?;
+                drive(connection, "HTTP/2 health check");
+                sender.send_request(request).await.ok()?.status()
+            } else {
+                let request = Request::get(config.path.as_str())
+                    .header(http::header::HOST, host)
+                    .header(http::header::CONNECTION, "close")
+                    .body(RequestBody::empty())
+                    .ok()?;
+                let (mut sender, connection) = http1::Builder::new().handshake(io).await.ok()?;
+                drive(connection, "HTTP/1 health check");
+                sender.send_request(request).await.ok()?.status()
+            };
+            let [low, high] = config.expected_status;
+            Some((low..=high).contains(&status.as_u16()))
+        };
+        // The connect timeout applies inside; this bounds the whole check.
+        matches!(
+            tokio::time::timeout(config.timeout.0, check).await,
+            Ok(Some(true))
+        )
+    }
+
     /// Idle HTTP/1 connections currently pooled (for tests and status).
     pub fn idle_count(&self) -> usize {
         match &self.conns {
@@ -398,6 +541,14 @@ impl Connections {
                 .filter(|conn| conn.sender.is_ready())
                 .count(),
             Conns::H2 { shared, .. } => shared.lock().len(),
+        }
+    }
+}
+
+impl Drop for Connections {
+    fn drop(&mut self) {
+        if let Some((_, task)) = self.refresher.get_mut().take() {
+            task.abort();
         }
     }
 }
@@ -475,5 +626,147 @@ impl AsyncWrite for UpstreamIo {
             UpstreamIo::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
             UpstreamIo::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use tokio::io::AsyncReadExt;
+
+    /// A keep-alive HTTP/1.1 server that answers every request with `name`.
+    async fn named_server(name: &'static str) -> SocketAddr {
+        counted_server(name, Arc::new(std::sync::atomic::AtomicUsize::new(0))).await
+    }
+
+    /// Like `named_server`, counting accepted connections in `accepted`.
+    async fn counted_server(
+        name: &'static str,
+        accepted: Arc<std::sync::atomic::AtomicUsize>,
+    ) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    let mut seen = Vec::new();
+                    loop {
+                        match stream.read(&mut buffer).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                        }
+                        while let Some(end) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                            seen.drain(..end + 4);
+                            let answer = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                                name.len()
+                            );
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn settings(max_requests: Option<u32>) -> ConnSettings {
+        ConnSettings {
+            connect_timeout: Duration::from_secs(5),
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(60),
+            max_requests,
+            max_lifetime: None,
+        }
+    }
+
+    async fn fetch(conns: &Arc<Connections>) -> String {
+        fetch_with(conns, &settings(None)).await
+    }
+
+    async fn fetch_with(conns: &Arc<Connections>, settings: &ConnSettings) -> String {
+        let local = SocketAddr::from(([127, 0, 0, 1], 0));
+        let request = Request::get("/")
+            .header(http::header::HOST, "backend.invalid")
+            .body(RequestBody::empty())
+            .unwrap();
+        let response = conns
+            .send(
+                request,
+                settings,
+                ClientAddrs {
+                    client: local,
+                    local,
+                },
+            )
+            .await
+            .unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    }
+
+    #[tokio::test]
+    async fn a_changed_dns_answer_retires_pooled_connections_and_new_dials_follow_it() {
+        let a = named_server("a").await;
+        let b = named_server("b").await;
+        // `.invalid` never resolves (RFC 6761): every dial must use the refreshed answer.
+        let conns = Arc::new(Connections::new(
+            "backend.invalid:80".into(),
+            UpstreamProtocol::Http1,
+            Transport::default(),
+        ));
+        assert!(
+            !conns.update_resolved(vec![a]),
+            "a first answer retires nothing"
+        );
+        assert_eq!(fetch(&conns).await, "a");
+        assert_eq!(fetch(&conns).await, "a");
+        assert!(!conns.update_resolved(vec![a]), "same answer");
+        assert!(
+            !conns.update_resolved(Vec::new()),
+            "a failed lookup keeps the last answer"
+        );
+        assert_eq!(fetch(&conns).await, "a");
+        assert!(conns.update_resolved(vec![b]));
+        // The pooled connection to `a` is not reused: the request goes to `b`.
+        assert_eq!(fetch(&conns).await, "b");
+        assert_eq!(fetch(&conns).await, "b");
+    }
+
+    #[tokio::test]
+    async fn a_connection_carries_at_most_max_requests() {
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let addr = counted_server("x", accepted.clone()).await;
+        let conns = Arc::new(Connections::new(
+            addr.to_string().into(),
+            UpstreamProtocol::Http1,
+            Transport::default(),
+        ));
+        let limited = settings(Some(2));
+        for _ in 0..6 {
+            assert_eq!(fetch_with(&conns, &limited).await, "x");
+        }
+        // Two requests per connection: at least three connections. (More only if a
+        // finished exchange was not yet flagged ready when the next request came.)
+        assert!(accepted.load(Ordering::SeqCst) >= 3);
+        let unlimited = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let addr = counted_server("y", unlimited.clone()).await;
+        let conns = Arc::new(Connections::new(
+            addr.to_string().into(),
+            UpstreamProtocol::Http1,
+            Transport::default(),
+        ));
+        for _ in 0..6 {
+            assert_eq!(fetch(&conns).await, "y");
+        }
+        assert!(
+            unlimited.load(Ordering::SeqCst) < 6,
+            "keep-alive reuse expected"
+        );
     }
 }

@@ -1,19 +1,33 @@
-//! Upstream pools: endpoints, load balancing and connections.
+//! Upstream pools: endpoints, load balancing, health, and connections.
 //!
-//! A `Pool` is compiled into each snapshot; the per-endpoint `Connections` it points to
-//! live in the `UpstreamRegistry`, keyed by (pool name, address, protocol), so keep-alive
-//! connections survive config swaps and are released when an endpoint leaves the config.
+//! A `Pool` is compiled into each snapshot; the per-endpoint `Connections` and
+//! `EndpointState` (health, ejections, load) it points to live in the `UpstreamRegistry`,
+//! keyed by (pool name, address, protocol, transport), and the per-pool `PoolState`
+//! (breaker, retry budget, limiter) by pool name, so connections and resilience state
+//! survive config swaps and are released when an endpoint or pool leaves the config.
 
+mod balancer;
 mod conn;
+mod dns;
+mod health;
+pub mod state;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use balancer::Balancer;
+pub use balancer::{hash64, HashRing, PickContext};
 pub use conn::{ClientAddrs, ConnSettings, Connections, Transport};
+pub use state::{Admission, BreakerState, EndpointState, InFlight, LimitError, Outcome, PoolState};
 
-use crate::config::{PoolConfig, UpstreamProtocol};
+use crate::config::{
+    CircuitBreakerConfig, ConcurrencyConfig, HealthCheckConfig, OutlierConfig, PassiveHealthConfig,
+    PoolConfig, RetryBudgetConfig, UpstreamProtocol,
+};
 use crate::tls::{TlsError, UpstreamTlsConnector};
 
 #[derive(Debug, thiserror::Error)]
@@ -45,60 +59,214 @@ pub enum UpstreamError {
 pub struct Endpoint {
     pub address: Arc<str>,
     pub weight: u32,
+    /// Takes no new requests (SPEC UP-1 drain); requests in flight finish.
+    pub draining: bool,
     pub connections: Arc<Connections>,
     /// Attempts, errors and latencies, labelled by pool and endpoint.
     pub metrics: Arc<crate::telemetry::EndpointMetrics>,
+    pub state: Arc<EndpointState>,
 }
 
-/// Smooth weighted round robin, as nginx does it: every pick adds each weight to its
-/// endpoint's current value, takes the largest, and subtracts the total from it. Picks are
-/// spread evenly instead of in bursts.
-struct SmoothWeightedRoundRobin {
-    current: Mutex<Vec<i64>>,
-    total: i64,
-}
-
-impl SmoothWeightedRoundRobin {
-    fn new(count: usize, total: i64) -> Self {
-        SmoothWeightedRoundRobin {
-            current: Mutex::new(vec![0; count]),
-            total,
-        }
-    }
-
-    fn pick(&self, endpoints: &[Endpoint]) -> usize {
-        let mut current = self.current.lock();
-        let mut best = 0;
-        for (index, endpoint) in endpoints.iter().enumerate() {
-            current[index] += i64::from(endpoint.weight);
-            if current[index] > current[best] {
-                best = index;
-            }
-        }
-        current[best] -= self.total;
-        best
-    }
+/// The resilience settings of a pool, as written in this snapshot's config.
+pub struct Resilience {
+    pub health_check: Option<HealthCheckConfig>,
+    pub passive: PassiveHealthConfig,
+    pub outlier: Option<OutlierConfig>,
+    pub breaker: Option<CircuitBreakerConfig>,
+    pub concurrency: Option<ConcurrencyConfig>,
+    pub budget: RetryBudgetConfig,
+    pub panic_threshold: u32,
+    /// How often endpoint host names are resolved again; `None`: per new connection only.
+    pub dns_refresh: Option<Duration>,
 }
 
 pub struct Pool {
     pub name: Arc<str>,
     pub protocol: UpstreamProtocol,
     pub settings: ConnSettings,
+    pub resilience: Resilience,
+    /// Breaker, budget, limiter and counters; shared with every snapshot naming this pool.
+    pub state: Arc<PoolState>,
     endpoints: Vec<Endpoint>,
-    balancer: SmoothWeightedRoundRobin,
+    balancer: Balancer,
+}
+
+/// An endpoint chosen for one attempt.
+pub struct Picked<'a> {
+    pub index: usize,
+    pub endpoint: &'a Endpoint,
+    /// Chosen in panic mode: too few endpoints were available, so all were candidates.
+    pub panic: bool,
 }
 
 impl Pool {
+    /// Picks an endpoint for a request without context (L4 relay, tests).
     pub fn pick(&self) -> Result<&Endpoint, UpstreamError> {
-        match self.endpoints.len() {
-            0 => Err(UpstreamError::NoEndpoint(self.name.clone())),
-            1 => Ok(&self.endpoints[0]),
-            _ => Ok(&self.endpoints[self.balancer.pick(&self.endpoints)]),
+        let headers = http::HeaderMap::new();
+        let ctx = PickContext {
+            client_ip: std::net::IpAddr::from([0, 0, 0, 0]),
+            headers: &headers,
+        };
+        self.pick_for(&ctx, &[]).map(|picked| picked.endpoint)
+    }
+
+    /// Picks an endpoint among those in rotation (healthy, not ejected, not draining),
+    /// preferring ones not in `tried`. When fewer than `panic_threshold` percent of the
+    /// non-draining endpoints are in rotation, all non-draining ones are candidates (SPEC
+    /// UP-11); with panic mode off and none in rotation, the pool has no endpoint.
+    pub fn pick_for(
+        &self,
+        ctx: &PickContext<'_>,
+        tried: &[usize],
+    ) -> Result<Picked<'_>, UpstreamError> {
+        let now = state::now_ms();
+        let mut serving = 0usize;
+        let mut available = 0usize;
+        for endpoint in &self.endpoints {
+            if !endpoint.draining {
+                serving += 1;
+                available += usize::from(endpoint.state.available(now));
+            }
         }
+        if serving == 0 {
+            return Err(UpstreamError::NoEndpoint(self.name.clone()));
+        }
+        let threshold = self.resilience.panic_threshold as usize;
+        let panic = threshold > 0 && available * 100 < threshold * serving;
+        if available == 0 && !panic {
+            return Err(UpstreamError::NoEndpoint(self.name.clone()));
+        }
+        if panic != self.state.panicking.swap(panic, Ordering::Relaxed) {
+            if panic {
+                tracing::warn!(pool = %self.name, available, serving, "panic mode: too few endpoints available; balancing over all of them");
+            } else {
+                tracing::info!(pool = %self.name, available, serving, "panic mode over");
+            }
+        }
+        if panic {
+            self.state
+                .counters
+                .panic_picks
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let endpoints = &self.endpoints;
+        let in_rotation =
+            |i: usize| !endpoints[i].draining && (panic || endpoints[i].state.available(now));
+        let untried = |i: usize| in_rotation(i) && !tried.contains(&i);
+        let index = if self.endpoints.len() == 1 {
+            in_rotation(0).then_some(0)
+        } else {
+            let fresh = (0..endpoints.len()).any(untried);
+            if fresh {
+                self.balancer.pick(endpoints, ctx, &untried)
+            } else {
+                self.balancer.pick(endpoints, ctx, &in_rotation)
+            }
+        };
+        let index = index.ok_or_else(|| UpstreamError::NoEndpoint(self.name.clone()))?;
+        Ok(Picked {
+            index,
+            endpoint: &self.endpoints[index],
+            panic,
+        })
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
+    }
+
+    /// The pool's live state for the admin API's `/status`: breaker, counters, and per
+    /// endpoint whether it is in rotation and why not.
+    pub fn status(&self) -> serde_json::Value {
+        let now = state::now_ms();
+        let counters = &self.state.counters;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let breaker = match self.state.breaker.lock().state {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { until } if until > now => "open",
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => "half_open",
+        };
+        let endpoints: Vec<serde_json::Value> = self
+            .endpoints
+            .iter()
+            .map(|endpoint| {
+                serde_json::json!({
+                    "address": &*endpoint.address,
+                    "weight": endpoint.weight,
+                    "draining": endpoint.draining,
+                    "healthy": endpoint.state.active_healthy(),
+                    "ejected": !endpoint.state.available(now) && endpoint.state.active_healthy(),
+                    "in_rotation": !endpoint.draining && endpoint.state.available(now),
+                    "in_flight": endpoint.state.in_flight(),
+                })
+            })
+            .collect();
+        serde_json::json!({
+            "name": &*self.name,
+            "circuit_breaker": self.resilience.breaker.as_ref().map(|_| breaker),
+            "panic": self.state.panicking.load(Ordering::Relaxed),
+            "counters": {
+                "retries": load(&counters.retries),
+                "retry_budget_exhausted": load(&counters.budget_exhausted),
+                "circuit_rejections": load(&counters.circuit_rejections),
+                "overload_rejections": load(&counters.overload_rejections),
+                "panic_picks": load(&counters.panic_picks),
+            },
+            "endpoints": endpoints,
+        })
+    }
+
+    /// Feeds one attempt's outcome to passive health and outlier detection.
+    pub fn report(&self, endpoint: &Endpoint, outcome: Outcome) {
+        let passive = &self.resilience.passive;
+        match outcome {
+            Outcome::ConnectFailure => {
+                if let Some(period) = endpoint.state.record_connect(
+                    false,
+                    passive.consecutive_failures,
+                    passive.ejection_time.0,
+                ) {
+                    tracing::warn!(pool = %self.name, endpoint = %endpoint.address, ejection_ms = period.as_millis() as u64, "endpoint ejected: consecutive connect failures");
+                }
+            }
+            Outcome::Failure | Outcome::Success => {
+                endpoint.state.record_connect(true, 0, Duration::ZERO);
+            }
+        }
+        let Some(outlier) = &self.resilience.outlier else {
+            return;
+        };
+        if outcome == Outcome::ConnectFailure {
+            return;
+        }
+        let may_eject = || {
+            let now = state::now_ms();
+            let ejected = self
+                .endpoints
+                .iter()
+                .filter(|e| e.state.is_outlier_ejected(now))
+                .count();
+            // Strictly enforced, unlike Envoy which always allows one: a small pool with a
+            // low percentage then never ejects, which is what the percentage says.
+            (ejected + 1) * 100 <= outlier.max_ejection_percent as usize * self.endpoints.len()
+        };
+        let failed = outcome == Outcome::Failure;
+        let rate_breached = endpoint.state.rate_breached(
+            failed,
+            outlier.interval.0,
+            outlier.failure_percent,
+            outlier.failure_min_requests,
+        );
+        if let Some(period) = endpoint.state.record_response(
+            failed,
+            rate_breached,
+            outlier.consecutive_5xx,
+            outlier.base_ejection_time.0,
+            outlier.max_ejection_time.0,
+            may_eject,
+        ) {
+            tracing::warn!(pool = %self.name, endpoint = %endpoint.address, ejection_ms = period.as_millis() as u64, "endpoint ejected: outlier (consecutive failures or failure rate)");
+        }
     }
 }
 
@@ -113,14 +281,21 @@ fn transport_key(config: &PoolConfig) -> String {
     serde_json::to_string(&(&config.tls, &config.send_proxy_protocol)).unwrap_or_default()
 }
 
-/// Long-lived per-endpoint connection state, shared by every snapshot that names it.
+/// One endpoint's long-lived state: its connections and its health.
+struct Slot {
+    connections: Arc<Connections>,
+    state: Arc<EndpointState>,
+}
+
+/// Long-lived per-endpoint and per-pool state, shared by every snapshot that names it.
 #[derive(Default)]
 pub struct UpstreamRegistry {
-    endpoints: Mutex<HashMap<EndpointKey, Arc<Connections>>>,
+    endpoints: Mutex<HashMap<EndpointKey, Slot>>,
+    pools: Mutex<HashMap<Arc<str>, Arc<PoolState>>>,
 }
 
 impl UpstreamRegistry {
-    /// Builds a snapshot's pool, reusing the connections of endpoints already known.
+    /// Builds a snapshot's pool, reusing the state of endpoints and pools already known.
     pub fn pool(
         &self,
         config: &PoolConfig,
@@ -156,32 +331,35 @@ impl UpstreamRegistry {
                     config.protocol,
                     transport_key.clone(),
                 );
-                let connections = registry
-                    .entry(key)
-                    .or_insert_with(|| {
-                        let transport = Transport {
-                            tls: tls.clone(),
-                            proxy_protocol: config.send_proxy_protocol,
-                        };
-                        let endpoint_metrics = metrics.endpoint(&name, &address);
-                        let connections = Arc::new(
-                            Connections::new(address.clone(), config.protocol, transport)
-                                .with_metrics(endpoint_metrics.clone()),
-                        );
-                        endpoint_metrics.set_connections(&connections);
-                        connections
-                    })
-                    .clone();
+                let slot = registry.entry(key).or_insert_with(|| {
+                    let transport = Transport {
+                        tls: tls.clone(),
+                        proxy_protocol: config.send_proxy_protocol,
+                    };
+                    let endpoint_metrics = metrics.endpoint(&name, &address);
+                    let connections = Arc::new(
+                        Connections::new(address.clone(), config.protocol, transport)
+                            .with_metrics(endpoint_metrics.clone()),
+                    );
+                    endpoint_metrics.set_connections(&connections);
+                    Slot {
+                        connections,
+                        state: Arc::new(EndpointState::new(address.clone())),
+                    }
+                });
                 let endpoint_metrics = metrics.endpoint(&name, &address);
                 Endpoint {
                     address,
                     weight: endpoint.weight(),
-                    connections,
+                    draining: endpoint.draining(),
+                    connections: slot.connections.clone(),
+                    state: slot.state.clone(),
                     metrics: endpoint_metrics,
                 }
             })
             .collect();
-        let total = endpoints.iter().map(|e| i64::from(e.weight)).sum();
+        drop(registry);
+        let state = self.pools.lock().entry(name.clone()).or_default().clone();
         Ok(Pool {
             name,
             protocol: config.protocol,
@@ -189,13 +367,47 @@ impl UpstreamRegistry {
                 connect_timeout: config.connect_timeout.0,
                 max_idle: config.max_idle_per_endpoint,
                 idle_timeout: config.idle_timeout.0,
+                max_requests: (config.max_requests_per_connection > 0)
+                    .then_some(config.max_requests_per_connection),
+                max_lifetime: config.max_connection_lifetime.non_zero(),
             },
-            balancer: SmoothWeightedRoundRobin::new(endpoints.len(), total),
+            resilience: Resilience {
+                health_check: config.health_check.clone(),
+                passive: config.passive_health.clone(),
+                outlier: config.outlier_detection.clone(),
+                breaker: config.circuit_breaker.clone(),
+                concurrency: config.concurrency.clone(),
+                budget: config.retry_budget.clone(),
+                panic_threshold: config.panic_threshold,
+                dns_refresh: config.dns_refresh.non_zero(),
+            },
+            state,
+            balancer: Balancer::new(config.balancer, config.hash.as_ref(), &endpoints),
             endpoints,
         })
     }
 
-    /// Drops the connection state of endpoints no pool in `pools` names any more. Requests
+    /// Starts, restarts or stops the active health checks of a snapshot gone live.
+    pub fn start_checks<'a>(&self, pools: impl IntoIterator<Item = &'a Arc<Pool>>) {
+        for pool in pools {
+            for endpoint in &pool.endpoints {
+                health::ensure_checker(
+                    &pool.name,
+                    &endpoint.state,
+                    &endpoint.connections,
+                    pool.resilience.health_check.as_ref(),
+                    &pool.settings,
+                );
+                dns::ensure_refresher(
+                    &pool.name,
+                    &endpoint.connections,
+                    pool.resilience.dns_refresh,
+                );
+            }
+        }
+    }
+
+    /// Drops the state of endpoints and pools no pool in `pools` names any more. Requests
     /// still running on an older snapshot keep their own references until they finish.
     pub fn retain(&self, pools: &[PoolConfig]) {
         let keys: Vec<String> = pools.iter().map(transport_key).collect();
@@ -213,6 +425,8 @@ impl UpstreamRegistry {
             .retain(|(pool, address, protocol, key), _| {
                 live.contains(&(&**pool, &**address, *protocol, key.as_str()))
             });
+        let names: HashSet<&str> = pools.iter().map(|pool| pool.name.as_str()).collect();
+        self.pools.lock().retain(|name, _| names.contains(&**name));
     }
 
     pub fn len(&self) -> usize {
@@ -221,7 +435,12 @@ impl UpstreamRegistry {
 
     /// Closes every idle upstream connection (the last stage of a drain). Returns how many.
     pub fn close_idle(&self) -> usize {
-        let endpoints: Vec<Arc<Connections>> = self.endpoints.lock().values().cloned().collect();
+        let endpoints: Vec<Arc<Connections>> = self
+            .endpoints
+            .lock()
+            .values()
+            .map(|slot| slot.connections.clone())
+            .collect();
         endpoints.iter().map(|c| c.close_idle()).sum()
     }
 
@@ -234,36 +453,147 @@ impl UpstreamRegistry {
 mod tests {
     use super::*;
 
-    fn pool(weights: &[u32]) -> Pool {
-        let endpoints = weights
+    fn pool_with(weights: &[u32], extra: &str) -> Pool {
+        let endpoints: Vec<String> = weights
             .iter()
             .enumerate()
-            .map(|(i, w)| {
-                let address: Arc<str> = format!("127.0.0.1:{}", 9000 + i).into();
-                Endpoint {
-                    connections: Arc::new(Connections::new(
-                        address.clone(),
-                        UpstreamProtocol::Http1,
-                        Transport::default(),
-                    )),
-                    metrics: crate::telemetry::Metrics::default().endpoint("p", &address),
-                    address,
-                    weight: *w,
-                }
-            })
-            .collect::<Vec<_>>();
-        let total = weights.iter().map(|w| i64::from(*w)).sum();
-        Pool {
-            name: "p".into(),
-            protocol: UpstreamProtocol::Http1,
-            settings: ConnSettings {
-                connect_timeout: std::time::Duration::from_secs(1),
-                max_idle: 1,
-                idle_timeout: std::time::Duration::from_secs(1),
-            },
-            balancer: SmoothWeightedRoundRobin::new(endpoints.len(), total),
-            endpoints,
+            .map(|(i, w)| format!("{{ address = \"127.0.0.1:{}\", weight = {w} }}", 9000 + i))
+            .collect();
+        let config: PoolConfig = toml::from_str(&format!(
+            "name = \"p\"\nendpoints = [{}]\n{extra}",
+            endpoints.join(", ")
+        ))
+        .unwrap();
+        UpstreamRegistry::default()
+            .pool(&config, &crate::telemetry::Metrics::default())
+            .unwrap()
+    }
+
+    fn pool(weights: &[u32]) -> Pool {
+        pool_with(weights, "")
+    }
+
+    fn counts(pool: &Pool, picks: usize, ctx: &PickContext<'_>) -> Vec<usize> {
+        let mut counts = vec![0; pool.endpoints.len()];
+        for _ in 0..picks {
+            counts[pool.pick_for(ctx, &[]).unwrap().index] += 1;
         }
+        counts
+    }
+
+    fn no_context(headers: &http::HeaderMap) -> PickContext<'_> {
+        PickContext {
+            client_ip: std::net::IpAddr::from([10, 0, 0, 1]),
+            headers,
+        }
+    }
+
+    #[test]
+    fn smooth_wrr_respects_weights_exactly() {
+        let pool = pool(&[3, 1, 6]);
+        let headers = http::HeaderMap::new();
+        // Smooth WRR is deterministic: 1000 picks are exactly 300 / 100 / 600.
+        assert_eq!(
+            counts(&pool, 1000, &no_context(&headers)),
+            vec![300, 100, 600]
+        );
+    }
+
+    #[test]
+    fn random_respects_weights_within_tolerance() {
+        let pool = pool_with(&[1, 3], "balancer = \"random\"");
+        let headers = http::HeaderMap::new();
+        fastrand::seed(7);
+        let counts = counts(&pool, 20_000, &no_context(&headers));
+        // Expected 5000 / 15000; ±5 % of the total is over 15 standard deviations.
+        assert!((4_000..=6_000).contains(&counts[0]), "{counts:?}");
+    }
+
+    #[test]
+    fn least_request_prefers_the_less_loaded_endpoint() {
+        let pool = pool_with(&[1, 1, 1], "balancer = \"least_request\"");
+        let headers = http::HeaderMap::new();
+        fastrand::seed(11);
+        // Endpoint 0 has 10 requests in flight, endpoint 1 has 5, endpoint 2 none.
+        let _busy: Vec<InFlight> = (0..10)
+            .map(|_| pool.endpoints[0].state.start_request())
+            .chain((0..5).map(|_| pool.endpoints[1].state.start_request()))
+            .collect();
+        let counts = counts(&pool, 3_000, &no_context(&headers));
+        // P2C never picks the most loaded of three (it loses every pair it is in), and the
+        // least loaded wins both of its pairs: 2/3 of picks, ±5 %.
+        assert_eq!(counts[0], 0, "{counts:?}");
+        assert!((1_850..=2_150).contains(&counts[2]), "{counts:?}");
+    }
+
+    #[test]
+    fn consistent_hash_keeps_keys_and_moves_about_one_nth() {
+        let extra = "balancer = \"consistent_hash\"\nhash = { on = \"header\", name = \"x-user\" }";
+        let ten = pool_with(&[1; 10], extra);
+        let eleven = pool_with(&[1; 11], extra);
+        let mut moved = 0;
+        let keys = 10_000;
+        for key in 0..keys {
+            let mut headers = http::HeaderMap::new();
+            headers.insert("x-user", http::HeaderValue::from(key));
+            let ctx = no_context(&headers);
+            let before = ten.pick_for(&ctx, &[]).unwrap().index;
+            // The same key always lands on the same endpoint.
+            assert_eq!(before, ten.pick_for(&ctx, &[]).unwrap().index);
+            let after = eleven.pick_for(&ctx, &[]).unwrap().index;
+            if before != after {
+                // A key only ever moves to the new endpoint.
+                assert_eq!(after, 10);
+                moved += 1;
+            }
+        }
+        // Ideal: 1/11 ≈ 9.1 % of the keys. 160 points per endpoint keep it within ±3 %.
+        let share = f64::from(moved) / f64::from(keys);
+        assert!((0.061..=0.121).contains(&share), "moved {share}");
+    }
+
+    #[test]
+    fn hash_without_its_key_falls_back_to_round_robin() {
+        let extra = "balancer = \"consistent_hash\"\nhash = { on = \"cookie\", name = \"sid\" }";
+        let pool = pool_with(&[1, 1], extra);
+        let headers = http::HeaderMap::new();
+        assert_eq!(counts(&pool, 10, &no_context(&headers)), vec![5, 5]);
+    }
+
+    #[test]
+    fn draining_and_ejected_endpoints_leave_rotation_and_panic_mode_brings_them_back() {
+        let config: PoolConfig = toml::from_str(
+            "name = \"p\"\nendpoints = [\"127.0.0.1:1\", \"127.0.0.1:2\", \"127.0.0.1:3\", { address = \"127.0.0.1:4\", drain = true }]",
+        )
+        .unwrap();
+        let pool = UpstreamRegistry::default()
+            .pool(&config, &crate::telemetry::Metrics::default())
+            .unwrap();
+        let headers = http::HeaderMap::new();
+        let ctx = no_context(&headers);
+        assert_eq!(counts(&pool, 30, &ctx), vec![10, 10, 10, 0]);
+        // One of three unhealthy: 67 % available, above the 50 % panic threshold.
+        pool.endpoints[0].state.set_active_healthy(false);
+        assert_eq!(counts(&pool, 30, &ctx), vec![0, 15, 15, 0]);
+        assert!(!pool.pick_for(&ctx, &[]).unwrap().panic);
+        // Two of three unhealthy: panic, all non-draining endpoints take traffic again.
+        pool.endpoints[1].state.set_active_healthy(false);
+        assert_eq!(counts(&pool, 30, &ctx), vec![10, 10, 10, 0]);
+        assert!(pool.pick_for(&ctx, &[]).unwrap().panic);
+        assert!(pool.state.counters.panic_picks.load(Ordering::Relaxed) >= 30);
+    }
+
+    #[test]
+    fn retries_prefer_untried_endpoints() {
+        let pool = pool(&[1, 1, 1]);
+        let headers = http::HeaderMap::new();
+        let ctx = no_context(&headers);
+        for _ in 0..10 {
+            let picked = pool.pick_for(&ctx, &[0, 2]).unwrap().index;
+            assert_eq!(picked, 1);
+        }
+        // Everything tried: any endpoint in rotation.
+        assert!(pool.pick_for(&ctx, &[0, 1, 2]).is_ok());
     }
 
     #[test]

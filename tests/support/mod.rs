@@ -2,6 +2,7 @@
 //! backends on port 0. Each integration test file does `mod support;` and uses what it needs.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod pebble;
 pub mod tls;
 
