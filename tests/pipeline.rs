@@ -81,18 +81,6 @@ fn v1(source: &str, destination: &str) -> Vec<u8> {
     proxy_protocol::encode_v1(source.parse().unwrap(), destination.parse().unwrap())
 }
 
-/// Expects the peer to close without sending a byte.
-async fn expect_closed(mut stream: TcpStream) {
-    let mut buf = [0u8; 32];
-    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-        .await
-        .expect("the gateway should close the connection");
-    match read {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("expected a close, got {n} bytes: {:?}", &buf[..n]),
-    }
-}
-
 /// A real TLS ClientHello for `sni`, as a client's first flight.
 fn client_hello(sni: &str) -> Vec<u8> {
     let config = client_config(&Ca::new("x").pem(), &["http/1.1"], None);
@@ -273,11 +261,11 @@ async fn bad_or_untrusted_proxy_headers_are_reset_and_counted() {
     let mut stream = TcpStream::connect(edge).await.unwrap();
     stream.write_all(b"PROXY TCP4 1.2.3.4 ").await.unwrap();
     let _ = stream.shutdown().await;
-    expect_closed(stream).await;
+    support::expect_closed(stream).await;
     // Late: half a header, then nothing until the deadline.
     let mut stream = TcpStream::connect(edge).await.unwrap();
     stream.write_all(b"\r\n\r\n\0\r\nQUIT\n").await.unwrap();
-    expect_closed(stream).await;
+    support::expect_closed(stream).await;
     // A header from a peer outside the trusted networks: reset right after accept, which
     // can reach the client before its connect() call has returned.
     if let Ok(stream) = TcpStream::connect(addrs["picky"]).await {
@@ -564,7 +552,7 @@ async fn max_connections_closes_the_extra_connection_and_changes_at_run_time() {
 
     let first = open(public).await;
     let _second = open(public).await;
-    expect_closed(TcpStream::connect(public).await.unwrap()).await;
+    support::expect_closed(TcpStream::connect(public).await.unwrap()).await;
     assert_eq!(stats.rejected_limit.load(Ordering::Relaxed), 1);
     drop(first);
     wait_active(&stats, 1).await;
@@ -573,7 +561,7 @@ async fn max_connections_closes_the_extra_connection_and_changes_at_run_time() {
     assert!(gateway.set_max_connections("public", 3));
     let _fourth = open(public).await;
     wait_active(&stats, 3).await;
-    expect_closed(TcpStream::connect(public).await.unwrap()).await;
+    support::expect_closed(TcpStream::connect(public).await.unwrap()).await;
     assert_eq!(stats.rejected_limit.load(Ordering::Relaxed), 2);
     assert!(!gateway.set_max_connections("nope", 1));
 }

@@ -43,18 +43,6 @@ impl Pki {
     }
 }
 
-/// Expects the gateway to close the connection without sending a byte.
-async fn expect_reset(mut stream: TcpStream) {
-    let mut buf = [0u8; 64];
-    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
-        .await
-        .expect("the gateway should close the connection");
-    match read {
-        Ok(0) | Err(_) => {}
-        Ok(n) => panic!("expected a reset, got {n} bytes: {:?}", &buf[..n]),
-    }
-}
-
 async fn hello_only(addr: SocketAddr, sni: &str, ca: &Ca) -> std::io::Result<()> {
     connect(addr, sni, client_config(&ca.pem(), &["http/1.1"], None))
         .await
@@ -174,7 +162,7 @@ pool = "app"
         .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    expect_reset(plain).await;
+    support::expect_closed(plain).await;
 
     // The lenient listener terminates unknown names with the default certificate…
     let lenient = gateway.addr("lenient");

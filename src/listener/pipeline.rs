@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use http::HeaderName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -20,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::prefixed::Prefixed;
 use super::proxy_protocol;
 use super::ListenerStats;
-use crate::config::{ListenerProtocol, PlaintextAction, ProxyProtocolVersion};
+use crate::config::{ListenerProtocol, PlaintextAction};
 use crate::http::{serve_connection, ConnInfo, Proxy, TlsInfo};
 use crate::l4::client_hello::{self, Sniff};
 use crate::l4::relay;
@@ -103,7 +102,7 @@ pub(super) async fn run(
         local: destination,
         tls: None,
         redirect_https: None,
-        client_cert_header: client_cert_header(&accepted.listener),
+        client_cert_header: accepted.listener.client_cert_header.clone(),
     };
     match config.protocol {
         ListenerProtocol::Http => {
@@ -231,11 +230,6 @@ fn firewall_blocks(accepted: &Accepted, snapshot: &Snapshot, client: SocketAddr)
         .any(|firewall| firewall.check(client.ip(), name).is_some())
 }
 
-fn client_cert_header(listener: &CompiledListener) -> Option<HeaderName> {
-    let auth = listener.config.tls.as_ref()?.client_auth.as_ref()?;
-    HeaderName::from_bytes(auth.subject_header.as_bytes()).ok()
-}
-
 async fn serve_http<S>(accepted: &Accepted, stream: S, info: ConnInfo)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -306,10 +300,7 @@ async fn connect_backend(
         let mut backend = TcpStream::connect(address).await?;
         let _ = backend.set_nodelay(true);
         if let Some(version) = target.send_proxy_protocol {
-            let header = match version {
-                ProxyProtocolVersion::V1 => proxy_protocol::encode_v1(client, destination),
-                ProxyProtocolVersion::V2 => proxy_protocol::encode_v2(client, destination, &[]),
-            };
+            let header = proxy_protocol::encode(version, client, destination);
             backend.write_all(&header).await?;
         }
         backend.write_all(buffered).await?;

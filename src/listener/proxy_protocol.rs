@@ -452,6 +452,18 @@ pub fn encode_v2_local() -> Vec<u8> {
     v2_preamble(0x20, 0x00)
 }
 
+/// The header a pool or relay is configured to send before any other byte.
+pub fn encode(
+    version: crate::config::ProxyProtocolVersion,
+    source: SocketAddr,
+    destination: SocketAddr,
+) -> Vec<u8> {
+    match version {
+        crate::config::ProxyProtocolVersion::V1 => encode_v1(source, destination),
+        crate::config::ProxyProtocolVersion::V2 => encode_v2(source, destination, &[]),
+    }
+}
+
 /// Encodes a v1 line: `PROXY TCP4 ...\r\n` or `PROXY TCP6 ...\r\n`; mixed families cannot be
 /// expressed in v1 and give `PROXY UNKNOWN\r\n`.
 pub fn encode_v1(source: SocketAddr, destination: SocketAddr) -> Vec<u8> {

@@ -196,6 +196,8 @@ pub struct CompiledListener {
     /// For `protocol = "tcp"`.
     pub relay: Option<RelayTarget>,
     pub firewall: Option<Firewall>,
+    /// The header carrying a verified client certificate's subject upstream, parsed once.
+    pub client_cert_header: Option<HeaderName>,
 }
 
 /// State that outlives snapshots: connections, certificates, TLS sessions.
@@ -389,7 +391,13 @@ fn compile_listener(
         }
         None => None,
     };
+    let client_cert_header = config
+        .tls
+        .as_ref()
+        .and_then(|tls| tls.client_auth.as_ref())
+        .and_then(|auth| HeaderName::from_bytes(auth.subject_header.as_bytes()).ok());
     Ok(CompiledListener {
+        client_cert_header,
         config: Arc::new(config.clone()),
         tls,
         relay,

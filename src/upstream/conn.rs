@@ -434,14 +434,7 @@ impl Connections {
             })?;
             let _ = stream.set_nodelay(true);
             if let Some(version) = self.transport.proxy_protocol {
-                let header = match version {
-                    ProxyProtocolVersion::V1 => {
-                        proxy_protocol::encode_v1(addrs.client, addrs.local)
-                    }
-                    ProxyProtocolVersion::V2 => {
-                        proxy_protocol::encode_v2(addrs.client, addrs.local, &[])
-                    }
-                };
+                let header = proxy_protocol::encode(version, addrs.client, addrs.local);
                 stream
                     .write_all(&header)
                     .await

@@ -522,3 +522,16 @@ pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
         .await
         .expect("JSON answer")
 }
+
+/// Expects the gateway to close `stream` (FIN or RST) without sending a byte.
+pub async fn expect_closed(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(PATIENCE, stream.read(&mut buf))
+        .await
+        .expect("the gateway should close the connection");
+    match read {
+        Ok(0) | Err(_) => {}
+        Ok(n) => panic!("expected a close, got {n} bytes: {:?}", &buf[..n]),
+    }
+}
