@@ -232,13 +232,12 @@ fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<
             "upgrade: took over the listening sockets"
         );
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
-        .thread_name("gatehouse-worker")
-        .enable_all()
-        .build()
-        .context("cannot start the runtime")?;
-    runtime.block_on(async {
+    let runtime = gatehouse::workers::runtime().context("cannot start the runtime")?;
+    let stop_workers = tokio_util::sync::CancellationToken::new();
+    let worker_threads =
+        gatehouse::workers::install(runtime.handle().clone(), workers, stop_workers.clone())
+            .context("cannot start the worker threads")?;
+    let result = runtime.block_on(async {
         let control = Control::start(config, path).await?;
         gatehouse::control::admin::start(control.clone()).await?;
         gatehouse::control::admin::start_metrics(control.clone()).await?;
@@ -248,5 +247,11 @@ fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<
         })
         .await?;
         Ok(clean)
-    })
+    });
+    // Connections have drained (or the drain timeout passed) inside `run_until_stopped_with`.
+    stop_workers.cancel();
+    for thread in worker_threads {
+        let _ = thread.join();
+    }
+    result
 }

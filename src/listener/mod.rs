@@ -352,7 +352,7 @@ async fn accept_loop(
             stats: stats.clone(),
             drain: conns.drain.clone(),
         };
-        conns.tracker.spawn(async move {
+        crate::workers::spawn_connection(&conns.tracker, stream, move |stream| async move {
             pipeline::run(accepted, snapshot, stream, peer).await;
             drop(guard);
         });
