@@ -16,6 +16,7 @@ pub mod http;
 pub mod l4;
 pub mod listener;
 pub mod ops;
+pub mod policy;
 pub mod route;
 pub mod snapshot;
 pub mod telemetry;

@@ -6,6 +6,7 @@
 //! validated `Config` into what the data plane runs.
 
 pub mod firewall;
+pub mod policy;
 mod load;
 pub mod resilience;
 pub mod tls;
@@ -233,6 +234,9 @@ pub struct HttpConfig {
     pub add_via: bool,
     /// Remove the upstream's `Server` header from responses.
     pub hide_upstream_server: bool,
+    /// A rate limit every request shares, ahead of the routes' own (SPEC POLICY-1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<policy::RequestRateLimitConfig>,
 }
 
 impl Default for HttpConfig {
@@ -244,6 +248,7 @@ impl Default for HttpConfig {
             add_forwarded: false,
             add_via: false,
             hide_upstream_server: false,
+            rate_limit: None,
         }
     }
 }
@@ -542,6 +547,21 @@ pub struct RouteConfig {
     /// Hedged attempts for GET and HEAD (SPEC UP-8); off when absent.
     #[serde(default)]
     pub hedge: Option<HedgeConfig>,
+    /// Request rate limit (SPEC POLICY-1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<policy::RequestRateLimitConfig>,
+    /// Ordered L7 rules; the first match decides (SPEC POLICY-2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<policy::PolicyRuleConfig>,
+    /// JWT bearer authentication (SPEC POLICY-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<policy::JwtConfig>,
+    /// Basic authentication (SPEC POLICY-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub basic_auth: Option<policy::BasicAuthConfig>,
+    /// External authorization (SPEC POLICY-4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ext_authz: Option<policy::ExtAuthzConfig>,
 }
 
 impl RouteConfig {

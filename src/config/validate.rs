@@ -92,6 +92,24 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
             }
         }
         validate_route(route, &path, &pool_names, &mut errors);
+        let mut found = Vec::new();
+        super::policy::validate_route_policies(route, &path, &mut found);
+        for (field, message) in found {
+            errors.push(field, message);
+        }
+    }
+    if let Some(limit) = &config.http.rate_limit {
+        let mut found = Vec::new();
+        super::policy::validate_rate_limit(limit, "http.rate_limit", &mut found);
+        if limit.key == super::policy::RateLimitKey::Identity {
+            found.push((
+                "http.rate_limit.key".into(),
+                "the global limit runs before authentication: use client_ip or header".into(),
+            ));
+        }
+        for (field, message) in found {
+            errors.push(field, message);
+        }
     }
 }
 

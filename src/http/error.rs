@@ -1,10 +1,11 @@
 //! The one place that maps proxy failures to HTTP status codes (SPEC HTTP-11) and renders
 //! them: a short JSON body with the request id, or a gRPC status for gRPC requests.
 
-use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::header::{CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
 use super::body::{BodyError, ResponseBody};
+use crate::policy::Rejection;
 use crate::upstream::{LimitError, UpstreamError};
 
 /// Everything that can stop the proxy from producing the upstream's response.
@@ -28,6 +29,9 @@ pub enum ProxyError {
         pool: std::sync::Arc<str>,
         retry_after: std::time::Duration,
     },
+    /// A request policy refused the request (SPEC POLICY-1..4).
+    #[error(transparent)]
+    Policy(#[from] crate::policy::Rejection),
     /// The pool's concurrency limit and wait queue are full (SPEC UP-10).
     #[error("pool {pool} is overloaded: {reason}")]
     Overloaded {
@@ -80,6 +84,7 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
+            ProxyError::Policy(rejection) => rejection.status(),
         }
     }
 
@@ -105,6 +110,7 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => "no_healthy_upstream",
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::Overloaded { .. } => "overloaded",
+            ProxyError::Policy(rejection) => rejection.code(),
         }
     }
 }
@@ -131,6 +137,15 @@ pub fn error_response(
 ) -> Response<ResponseBody> {
     let status = error.status();
     let message = error.to_string();
+    if let (ProxyError::Policy(Rejection::ExtAuthzDenied { headers, body, .. }), false) =
+        (error, grpc)
+    {
+        // The authorization service's own answer, bounded when it was read.
+        let mut response = Response::new(ResponseBody::full(body.clone()));
+        *response.status_mut() = status;
+        response.headers_mut().extend(headers.clone());
+        return response;
+    }
     let response = if grpc {
         // Trailers-only gRPC response: HTTP 200 with the status in the header block.
         let mut response = Response::new(ResponseBody::empty());
@@ -158,6 +173,19 @@ pub fn error_response(
         response
     };
     let mut response = response;
+    match error {
+        ProxyError::Policy(Rejection::RateLimited { retry_after }) => {
+            response
+                .headers_mut()
+                .insert(RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        ProxyError::Policy(Rejection::Unauthenticated { challenge, .. }) => {
+            response
+                .headers_mut()
+                .insert(WWW_AUTHENTICATE, challenge.clone());
+        }
+        _ => {}
+    }
     if matches!(error, ProxyError::CircuitOpen { .. }) {
         response
             .headers_mut()

@@ -273,6 +273,15 @@ impl Proxy {
                 found.is_none(),
             );
         }
+        if let Some(limit) = &snapshot.rate_limit {
+            let facts = crate::policy::RequestFacts {
+                client_ip,
+                host: &host,
+                path: request.uri().path(),
+                headers: request.headers(),
+            };
+            limit.check(&facts, found)?;
+        }
         let index = found.ok_or(ProxyError::NoRoute)?;
         let route = &snapshot.routes[index];
         exchange.metrics = Some(route.metrics.clone());
@@ -284,6 +293,21 @@ impl Proxy {
                 "this route requires a client certificate",
             ));
         }
+        // Route filters (SPEC POLICY-1..4); a route without policies skips this branch.
+        let request = match &route.policy {
+            None => request,
+            Some(filters) => {
+                let (mut parts, body) = request.into_parts();
+                let context = crate::policy::Context {
+                    client_ip,
+                    host: &host,
+                    scheme: conn.scheme,
+                    request_id: (&snapshot.http.request_id_header, &exchange.request_id),
+                };
+                filters.run(&mut parts, &context).await?;
+                Request::from_parts(parts, body)
+            }
+        };
         match &route.action {
             Action::Direct {
                 status,

@@ -44,6 +44,8 @@ pub enum CompileError {
     },
     #[error("{path}: unknown pool {pool:?}")]
     UnknownPool { path: String, pool: String },
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("routes[{index}].{field}: {message}")]
     Invalid {
         index: usize,
@@ -95,6 +97,8 @@ pub struct Route {
     /// Retry policy (SPEC UP-7); the budget belongs to the pool.
     pub retry: crate::config::RetryConfig,
     pub hedge: Option<crate::config::HedgeConfig>,
+    /// Request policies (SPEC POLICY-1..4); none when the route uses none.
+    pub policy: Option<Box<crate::policy::RouteFilters>>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -128,6 +132,8 @@ pub struct Snapshot {
     pub certificates: Arc<CertTable>,
     /// The global firewall; none when it blocks nothing.
     pub firewall: Option<Firewall>,
+    /// `http.rate_limit`; none when not configured.
+    pub rate_limit: Option<crate::policy::GlobalLimit>,
 }
 
 impl Snapshot {
@@ -209,6 +215,7 @@ pub struct Registries {
     pub firewall: FirewallRegistries,
     pub acme: crate::acme::AcmeRegistry,
     pub metrics: Arc<crate::telemetry::Metrics>,
+    pub policy: crate::policy::PolicyRegistry,
 }
 
 fn compile_firewall(
@@ -264,7 +271,7 @@ pub fn compile(
         .iter()
         .enumerate()
         .map(|(index, route)| {
-            compile_route(index, route, &pools, &registries.metrics).map(Arc::new)
+            compile_route(index, route, &pools, registries).map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let request_id_header = HeaderName::from_bytes(config.http.request_id_header.as_bytes())
@@ -286,6 +293,12 @@ pub fn compile(
             .then_some(config.tracing.sample_ratio),
     };
     let firewall = compile_firewall(&config.firewall, "firewall", "global", registries)?;
+    let rate_limit = crate::policy::compile_global(
+        &config,
+        &registries.policy,
+        &registries.metrics,
+        routes.iter().map(|route| &*route.name),
+    );
     let listeners = config
         .listeners
         .iter()
@@ -304,6 +317,7 @@ pub fn compile(
         listeners,
         certificates,
         firewall,
+        rate_limit,
         config: Arc::new(config),
     })
 }
@@ -409,8 +423,9 @@ fn compile_route(
     index: usize,
     route: &RouteConfig,
     pools: &HashMap<String, Arc<Pool>>,
-    metrics: &crate::telemetry::Metrics,
+    registries: &Registries,
 ) -> Result<Route, CompileError> {
+    let metrics = &*registries.metrics;
     let invalid = |field: &'static str, message: String| CompileError::Invalid {
         index,
         field,
@@ -468,8 +483,12 @@ fn compile_route(
         .clone()
         .unwrap_or_else(|| format!("route{index}"))
         .into();
+    let policy =
+        crate::policy::compile_route(index, &name, route, &registries.policy, metrics)?
+            .map(Box::new);
     let metrics = metrics.route(&name, route.pool.as_deref().unwrap_or(""));
     Ok(Route {
+        policy,
         name,
         metrics,
         action,

@@ -275,6 +275,73 @@ pub struct Metrics {
     pub reloads_failed: AtomicU64,
     /// Unix time of the last successful config change.
     pub last_reload_success: AtomicU64,
+    /// Request-policy counters, one capped set per [`PolicyFamily`].
+    policy: [Mutex<Capped<Labeled>>; PolicyFamily::ALL.len()],
+}
+
+/// A counter of one (route, label) pair of a policy family.
+pub struct Labeled {
+    route: Arc<str>,
+    label: Arc<str>,
+    pub count: AtomicU64,
+}
+
+impl Labeled {
+    fn new(route: Arc<str>, label: Arc<str>) -> Labeled {
+        Labeled {
+            route,
+            label,
+            count: AtomicU64::new(0),
+        }
+    }
+}
+
+/// The request-policy counter families (SPEC POLICY-1..4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyFamily {
+    /// `gatehouse_rate_limited_total{route}`.
+    RateLimited,
+    /// `gatehouse_policy_blocks_total{route,policy}`.
+    PolicyBlocks,
+    /// `gatehouse_auth_failures_total{route,scheme}`.
+    AuthFailures,
+    /// `gatehouse_ext_authz_total{route,result}`.
+    ExtAuthz,
+}
+
+impl PolicyFamily {
+    pub const ALL: [PolicyFamily; 4] = [
+        PolicyFamily::RateLimited,
+        PolicyFamily::PolicyBlocks,
+        PolicyFamily::AuthFailures,
+        PolicyFamily::ExtAuthz,
+    ];
+
+    /// Name, help, and the second label (none for `route` alone).
+    fn describe(self) -> (&'static str, &'static str, Option<&'static str>) {
+        match self {
+            PolicyFamily::RateLimited => (
+                "gatehouse_rate_limited_total",
+                "Requests refused with 429 by a rate limit, by route.",
+                None,
+            ),
+            PolicyFamily::PolicyBlocks => (
+                "gatehouse_policy_blocks_total",
+                "Requests refused with 403 by an L7 policy, by route and policy.",
+                Some("policy"),
+            ),
+            PolicyFamily::AuthFailures => (
+                "gatehouse_auth_failures_total",
+                "Requests refused with 401 by JWT or basic authentication, by route and scheme.",
+                Some("scheme"),
+            ),
+            PolicyFamily::ExtAuthz => (
+                "gatehouse_ext_authz_total",
+                "External authorization decisions, by route and result.",
+                Some("result"),
+            ),
+        }
+    }
 }
 
 impl Default for Metrics {
@@ -300,6 +367,15 @@ impl Default for Metrics {
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
             last_reload_success: AtomicU64::new(0),
+            policy: std::array::from_fn(|_| {
+                let other: Arc<str> = OTHER.into();
+                Mutex::new(Capped {
+                    by_key: HashMap::new(),
+                    order: Vec::new(),
+                    other: Arc::new(Labeled::new(other.clone(), other)),
+                    folded: 0,
+                })
+            }),
         }
     }
 }
@@ -341,6 +417,44 @@ impl Metrics {
             .get(pool, endpoint, cap, EndpointMetrics::new)
     }
 
+    /// The counter of `route` (and `label`, `""` for families with the route alone) in a
+    /// policy family; capped like the route series.
+    pub fn policy_counter(&self, family: PolicyFamily, route: &str, label: &str) -> Arc<Labeled> {
+        let cap = self.max_routes.load(Ordering::Relaxed);
+        let index = PolicyFamily::ALL
+            .iter()
+            .position(|f| *f == family)
+            .unwrap_or(0);
+        self.policy[index].lock().get(route, label, cap, Labeled::new)
+    }
+
+    fn render_policy(&self, out: &mut String) {
+        for (index, family_kind) in PolicyFamily::ALL.iter().enumerate() {
+            let series: Vec<Arc<Labeled>> = {
+                let set = self.policy[index].lock();
+                let mut all = set.order.clone();
+                if set.folded > 0 {
+                    all.push(set.other.clone());
+                }
+                all
+            };
+            let (name, help, second) = family_kind.describe();
+            family(out, name, "counter", help);
+            for counter in series {
+                let value = counter.count.load(Ordering::Relaxed);
+                let route = escape(&counter.route);
+                let _ = match second {
+                    None => writeln!(out, "{name}{{route=\"{route}\"}} {value}"),
+                    Some(label) => writeln!(
+                        out,
+                        "{name}{{route=\"{route}\",{label}=\"{}\"}} {value}",
+                        escape(&counter.label)
+                    ),
+                };
+            }
+        }
+    }
+
     /// Counts a config change attempt (SIGHUP, admin API, rollback).
     pub fn reload(&self, ok: bool) {
         if ok {
@@ -377,6 +491,7 @@ impl Metrics {
         }
         self.render_routes(&mut out);
         self.render_endpoints(&mut out);
+        self.render_policy(&mut out);
         out
     }
 
