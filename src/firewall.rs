@@ -104,7 +104,7 @@ pub enum FirewallError {
 /// 2026-12-01T10:00:00.123456Z  WARN gatehouse::firewall: gatehouse firewall: blocked 203.0.113.7 listener=edge reason=ip
 /// ```
 ///
-/// `contrib/fail2ban/filter.d/gatehouse.conf` matches it. Keep the format stable: changing it
+/// `packaging/fail2ban/filter.d/gatehouse.conf` matches it. Keep the format stable: changing it
 /// breaks operators' fail2ban jails.
 pub fn block_line(ip: IpAddr, listener: &str, reason: BlockReason) -> String {
     format!(

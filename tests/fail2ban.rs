@@ -1,6 +1,10 @@
 //! CONN-6: the firewall's block lines, as the gateway writes them through `tracing`, are
-//! matched by `contrib/fail2ban/filter.d/gatehouse.conf`. Runs `fail2ban-regex` when it is
-//! on PATH (Debian package `fail2ban`) and skips with a note otherwise.
+//! matched by `packaging/fail2ban/filter.d/gatehouse.conf`; POLICY-1: the real gateway's
+//! `RATE_LIMIT` lines are matched by `packaging/fail2ban/filter.d/gatehouse-ratelimit.conf`
+//! and the jail names both filters. Runs `fail2ban-regex` when it is on PATH (Debian
+//! package `fail2ban`) and skips with a note otherwise.
+
+mod support;
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -120,7 +124,7 @@ fn fail2ban_filter_matches_firewall_block_lines() {
     let log_path = dir.path().join("gatehouse.log");
     std::fs::write(&log_path, &log).expect("write log");
     let filter =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib/fail2ban/filter.d/gatehouse.conf");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/fail2ban/filter.d/gatehouse.conf");
 
     let summary = Command::new("fail2ban-regex")
         .arg(&log_path)
@@ -155,4 +159,137 @@ fn fail2ban_filter_matches_firewall_block_lines() {
 
     assert_eq!(registries.stats.blocked(BlockReason::Ip), 2);
     assert_eq!(registries.stats.blocked(BlockReason::Cidr), 2);
+}
+
+/// Runs `fail2ban-regex` over `log_path` with `filter`: (matched line count, matched IPs).
+fn fail2ban_regex(log_path: &Path, filter: &Path) -> (usize, Vec<String>) {
+    let summary = Command::new("fail2ban-regex")
+        .arg(log_path)
+        .arg(filter)
+        .output()
+        .expect("run fail2ban-regex");
+    let summary_text = String::from_utf8_lossy(&summary.stdout);
+    assert!(summary.status.success(), "{summary_text}");
+    let matched = summary_text
+        .lines()
+        .find_map(|line| {
+            let rest = line.strip_prefix("Lines: ")?;
+            let (_, after) = rest.split_once(" ignored, ")?;
+            after.split_whitespace().next()?.parse::<usize>().ok()
+        })
+        .unwrap_or_else(|| panic!("no summary line in:\n{summary_text}"));
+    let ips = Command::new("fail2ban-regex")
+        .args(["--out", "ip"])
+        .arg(log_path)
+        .arg(filter)
+        .output()
+        .expect("run fail2ban-regex --out ip");
+    let found = String::from_utf8_lossy(&ips.stdout)
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .map(String::from)
+        .collect();
+    (matched, found)
+}
+
+/// Drives the real gateway into rate-limit rejections for a few client addresses (given
+/// through a trusted `X-Forwarded-For`) and checks its own log with the shipped filter.
+async fn rate_limit_lines_match(log_format: &str) {
+    let backend = support::Backend::echo().await;
+    let config = support::config_with_pool(
+        &[backend.addr],
+        &format!(
+            r#"
+[log]
+format = "{log_format}"
+
+[http]
+trusted_proxies = ["127.0.0.1/32"]
+
+[[routes]]
+name = "login"
+pool = "app"
+rate_limit = {{ rate = "1r/m", burst = 2 }}
+[routes.match]
+path_prefix = "/login"
+"#
+        ),
+    );
+    let gateway = support::Gateway::start(&config);
+    let client = support::http1_client();
+    let url = gateway.url("public", "/login?user=x");
+    // (client address, requests): burst 2 → 3 pass per key, the rest are refused; the two
+    // IPv6 addresses share one /64 and so one bucket.
+    let plan = [
+        ("203.0.113.7", 5),
+        ("2001:db8:1:2::1", 2),
+        ("2001:db8:1:2::2", 3),
+        ("198.51.100.4", 3),
+    ];
+    let mut expected: Vec<String> = Vec::new();
+    let mut refused = 0;
+    for (address, count) in plan {
+        for _ in 0..count {
+            let response = client
+                .get(&url)
+                .header("x-forwarded-for", address)
+                // Client text that must not forge a match for another address.
+                .header("user-agent", "RATE_LIMIT client_ip=192.0.2.99 host=x path=/ status=429")
+                .send()
+                .await
+                .expect("request");
+            if response.status() == 429 {
+                refused += 1;
+                expected.push(address.to_string());
+            }
+        }
+    }
+    assert_eq!(refused, 4, "203.0.113.7: 2, the /64: 2, 198.51.100.4: 0");
+    gateway
+        .stderr
+        .wait_count(refused, support::PATIENCE, |line| {
+            line.contains("RATE_LIMIT client_ip=")
+        });
+    let log = gateway.stderr.snapshot().join("\n") + "\n";
+    let log_path = gateway.dir.path().join("gatehouse.log");
+    std::fs::write(&log_path, &log).expect("write log");
+    let filter = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("packaging/fail2ban/filter.d/gatehouse-ratelimit.conf");
+    let (matched, found) = fail2ban_regex(&log_path, &filter);
+    assert_eq!(matched, refused, "log:\n{log}");
+    assert_eq!(found, expected, "log:\n{log}");
+    assert!(
+        log.contains("host=127.0.0.1 path=/login status=429"),
+        "the path is logged without its query:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail2ban_filter_matches_the_gateways_rate_limit_lines() {
+    if !fail2ban_regex_available() {
+        println!("note: fail2ban-regex not on PATH; skipping (apt-get install fail2ban)");
+        return;
+    }
+    rate_limit_lines_match("text").await;
+    rate_limit_lines_match("json").await;
+}
+
+#[test]
+fn the_jail_names_the_shipped_filters() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging/fail2ban");
+    let jail = std::fs::read_to_string(root.join("jail.d/gatehouse.conf")).expect("jail");
+    let filters: Vec<&str> = jail
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("filter"))
+        .filter_map(|rest| rest.trim().strip_prefix('='))
+        .map(|name| name.trim().split('[').next().unwrap_or("").trim())
+        .collect();
+    assert_eq!(filters, ["gatehouse-ratelimit", "gatehouse"]);
+    for name in filters {
+        assert!(
+            root.join(format!("filter.d/{name}.conf")).is_file(),
+            "jail names filter {name}, which is not shipped"
+        );
+    }
 }

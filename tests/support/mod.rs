@@ -73,6 +73,31 @@ impl Lines {
     pub fn len(&self) -> usize {
         self.lines.lock().unwrap().len()
     }
+
+    /// Blocks until at least `count` lines satisfy `predicate`, returning them, or panics
+    /// after `timeout`.
+    pub fn wait_count(
+        &self,
+        count: usize,
+        timeout: Duration,
+        predicate: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.lines.lock().unwrap();
+        loop {
+            let found: Vec<String> = lines.iter().filter(|l| predicate(l)).cloned().collect();
+            if found.len() >= count {
+                return found;
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "timed out waiting for {count} log lines; got:\n{}",
+                lines.join("\n")
+            );
+            lines = self.changed.wait_timeout(lines, deadline - now).unwrap().0;
+        }
+    }
 }
 
 fn pump(stream: impl std::io::Read + Send + 'static, lines: Arc<Lines>) {
@@ -185,6 +210,19 @@ impl Gateway {
                 .wait_timeout(stderr.lines.lock().unwrap(), Duration::from_millis(50));
         }
         for line in stderr.snapshot() {
+            // `log.format = "json"`: the event's fields are flattened into the object.
+            if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                let text = |key: &str| event.get(key).and_then(|v| v.as_str()).map(String::from);
+                if let (Some(message), Some(name), Some(addr)) =
+                    (text("message"), text("name"), text("addr"))
+                {
+                    if message.contains("listener bound") {
+                        self.addrs
+                            .insert(name, addr.parse().expect("listener address"));
+                    }
+                }
+                continue;
+            }
             if let (Some(name), Some(addr)) = (field(&line, "name="), field(&line, "addr=")) {
                 if line.contains("listener bound") {
                     self.addrs
