@@ -118,6 +118,9 @@ pub enum CtlCommand {
     /// Pools: list, get, put, remove.
     #[command(subcommand)]
     Pools(ResourceCommand),
+    /// A route's L7 policies: list, get, put, remove.
+    #[command(subcommand)]
+    Policies(PoliciesCommand),
     /// The global firewall rules: get, put.
     #[command(subcommand)]
     Firewall(FirewallCommand),
@@ -213,6 +216,42 @@ pub enum ResourceCommand {
     },
     /// Remove NAME.
     Remove {
+        name: String,
+        /// Recorded with the change in the audit log.
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+}
+
+/// Commands on a route's L7 policies (SPEC POLICY-2); each change is a new stored version.
+#[derive(Subcommand, Debug)]
+pub enum PoliciesCommand {
+    /// The route's policies in order (the first match decides), as a table.
+    List {
+        #[arg(long)]
+        route: String,
+    },
+    /// One policy, as JSON.
+    Get {
+        #[arg(long)]
+        route: String,
+        name: String,
+    },
+    /// Replace policy NAME in place, or add it last, from FILE: the rule's fields in TOML,
+    /// or a JSON object when FILE ends in .json.
+    Put {
+        #[arg(long)]
+        route: String,
+        name: String,
+        file: PathBuf,
+        /// Recorded with the change in the audit log.
+        #[arg(short, long)]
+        message: Option<String>,
+    },
+    /// Remove policy NAME.
+    Remove {
+        #[arg(long)]
+        route: String,
         name: String,
         /// Recorded with the change in the audit log.
         #[arg(short, long)]
@@ -656,6 +695,7 @@ async fn execute(args: &CtlArgs) -> Result<(), CtlError> {
         }
         CtlCommand::Routes(command) => resource(&client, out, "routes", command).await,
         CtlCommand::Pools(command) => resource(&client, out, "pools", command).await,
+        CtlCommand::Policies(command) => policies(&client, out, command).await,
         CtlCommand::Firewall(FirewallCommand::Get) => {
             let answer = client.get("/firewall").await?;
             print_json(out, &answer.body)
@@ -753,6 +793,112 @@ async fn resource(
             })
         }
     }
+}
+
+/// `ctl policies …`.
+async fn policies(
+    client: &Client<'_>,
+    out: &mut impl Write,
+    command: &PoliciesCommand,
+) -> Result<(), CtlError> {
+    let args = client.args;
+    match command {
+        PoliciesCommand::List { route } => {
+            let answer = client.get(&format!("/routes/{route}/policies")).await?;
+            print_or(out, args, &answer.body, policies_table)
+        }
+        PoliciesCommand::Get { route, name } => {
+            let answer = client
+                .get(&format!("/routes/{route}/policies/{name}"))
+                .await?;
+            print_json(out, &answer.body)
+        }
+        PoliciesCommand::Put {
+            route,
+            name,
+            file,
+            message,
+        } => {
+            let body = read_object_file(file)?;
+            let answer = client
+                .send(
+                    Method::PUT,
+                    &format!("/routes/{route}/policies/{name}"),
+                    &message_header(message.as_deref()),
+                    Some(("application/json", body)),
+                )
+                .await?;
+            let what = if answer.status == StatusCode::CREATED {
+                format!("route {route}: policy {name} added")
+            } else {
+                format!("route {route}: policy {name} replaced")
+            };
+            print_or(out, args, &answer.body, |body| changed_line(body, &what))
+        }
+        PoliciesCommand::Remove {
+            route,
+            name,
+            message,
+        } => {
+            let answer = client
+                .send(
+                    Method::DELETE,
+                    &format!("/routes/{route}/policies/{name}"),
+                    &message_header(message.as_deref()),
+                    None,
+                )
+                .await?;
+            print_or(out, args, &answer.body, |body| {
+                changed_line(body, &format!("route {route}: policy {name} removed"))
+            })
+        }
+    }
+}
+
+fn policies_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["policies"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+        .map(|(index, policy)| {
+            let mut conditions = Vec::new();
+            if let Some(agent) = policy["user_agent"].as_str() {
+                conditions.push(format!("user_agent~{agent}"));
+            }
+            if let Some(regex) = policy["user_agent_regex"].as_str() {
+                conditions.push(format!("user_agent_regex={regex}"));
+            }
+            for (key, label) in [("header", "header"), ("require_header", "require")] {
+                if let Some(name) = policy[key]["name"].as_str() {
+                    conditions.push(match policy[key]["value"].as_str() {
+                        Some(value) => format!("{label} {name}={value}"),
+                        None => format!("{label} {name}"),
+                    });
+                }
+            }
+            let sources: Vec<String> = policy["sources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(text)
+                .collect();
+            if !sources.is_empty() {
+                conditions.push(format!("from {}", sources.join(",")));
+            }
+            vec![
+                (index + 1).to_string(),
+                text(&policy["name"]),
+                policy["action"].as_str().unwrap_or("deny").to_string(),
+                if conditions.is_empty() {
+                    "(every request)".into()
+                } else {
+                    conditions.join("; ")
+                },
+            ]
+        })
+        .collect();
+    table(&["#", "POLICY", "ACTION", "CONDITIONS"], &rows)
 }
 
 /// Reads one object from a TOML (or, for `.json`, JSON) file and returns it as JSON.

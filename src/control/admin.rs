@@ -231,6 +231,11 @@ enum Op {
     GetRoute,
     PutRoute,
     DeleteRoute,
+    ListPolicies,
+    GetPolicy,
+    PutPolicies,
+    PutPolicy,
+    DeletePolicy,
     ListPools,
     GetPool,
     PutPool,
@@ -255,6 +260,8 @@ impl Op {
             | Op::Certificates
             | Op::ListRoutes
             | Op::GetRoute
+            | Op::ListPolicies
+            | Op::GetPolicy
             | Op::ListPools
             | Op::GetPool
             | Op::GetFirewall
@@ -266,6 +273,9 @@ impl Op {
             | Op::SetMaxConnections
             | Op::PutRoute
             | Op::DeleteRoute
+            | Op::PutPolicies
+            | Op::PutPolicy
+            | Op::DeletePolicy
             | Op::PutPool
             | Op::DeletePool
             | Op::PutFirewall
@@ -317,6 +327,11 @@ const ROUTES: &[RouteEntry] = &[
     entry("GET", "/routes/{name}", Op::GetRoute),
     entry("PUT", "/routes/{name}", Op::PutRoute),
     entry("DELETE", "/routes/{name}", Op::DeleteRoute),
+    entry("GET", "/routes/{name}/policies", Op::ListPolicies),
+    entry("PUT", "/routes/{name}/policies", Op::PutPolicies),
+    entry("GET", "/routes/{name}/policies/{policy}", Op::GetPolicy),
+    entry("PUT", "/routes/{name}/policies/{policy}", Op::PutPolicy),
+    entry("DELETE", "/routes/{name}/policies/{policy}", Op::DeletePolicy),
     entry("GET", "/pools", Op::ListPools),
     entry("GET", "/pools/{name}", Op::GetPool),
     entry("PUT", "/pools/{name}", Op::PutPool),
@@ -906,6 +921,74 @@ impl Admin {
                 let message = meta.message_or(format!("route {name}: delete"));
                 self.edit(meta, "delete_route", message, move |config| {
                     resources::delete_route(config, &name).map(|()| false)
+                })
+                .await
+            }
+            Op::ListPolicies => {
+                let name = routed.param(0)?;
+                let current = control.current();
+                let (_, route) = resources::find_route(&current.config, name)
+                    .ok_or_else(|| unknown("route", name))?;
+                versioned(
+                    current.info.version,
+                    json!({"version": current.info.version, "route": name, "policies": route.policies}),
+                )
+            }
+            Op::GetPolicy => {
+                let (name, policy) = (routed.param(0)?, routed.param(1)?);
+                let current = control.current();
+                let (_, route) = resources::find_route(&current.config, name)
+                    .ok_or_else(|| unknown("route", name))?;
+                let found = route
+                    .policies
+                    .iter()
+                    .find(|p| p.name == policy)
+                    .ok_or_else(|| unknown("policy", policy))?;
+                versioned(
+                    current.info.version,
+                    serde_json::to_value(found).map_err(ControlError::from)?,
+                )
+            }
+            Op::PutPolicies => {
+                let name = routed.param(0)?.to_string();
+                let meta = ChangeMeta::of(&request, caller)?;
+                // Either the list itself or `{"policies": [...]}` (what GET returns).
+                let mut body: Value = read_json(request).await?;
+                if let Some(list) = body.get_mut("policies") {
+                    body = list.take();
+                }
+                let policies: Vec<crate::config::policy::PolicyRuleConfig> = from_value(body)?;
+                let message = meta.message_or(format!("route {name}: put policies"));
+                self.edit(meta, "put_policies", message, move |config| {
+                    resources::put_policies(config, &name, policies)
+                })
+                .await
+            }
+            Op::PutPolicy => {
+                let (name, policy_name) = (routed.param(0)?.to_string(), routed.param(1)?.to_string());
+                let meta = ChangeMeta::of(&request, caller)?;
+                let mut body: Value = read_json(request).await?;
+                if let Some(object) = body.as_object_mut() {
+                    match object.get("name").cloned() {
+                        None => {
+                            object.insert("name".into(), json!(policy_name));
+                        }
+                        Some(given) => check_body_name(given.as_str(), &policy_name)?,
+                    }
+                }
+                let policy: crate::config::policy::PolicyRuleConfig = from_value(body)?;
+                let message = meta.message_or(format!("route {name}: put policy {policy_name}"));
+                self.edit(meta, "put_policy", message, move |config| {
+                    resources::put_policy(config, &name, &policy_name, policy)
+                })
+                .await
+            }
+            Op::DeletePolicy => {
+                let (name, policy_name) = (routed.param(0)?.to_string(), routed.param(1)?.to_string());
+                let meta = ChangeMeta::of(&request, caller)?;
+                let message = meta.message_or(format!("route {name}: delete policy {policy_name}"));
+                self.edit(meta, "delete_policy", message, move |config| {
+                    resources::delete_policy(config, &name, &policy_name).map(|()| false)
                 })
                 .await
             }

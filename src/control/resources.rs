@@ -3,6 +3,7 @@
 //! these inside `Control::edit`, so every change is validated as a whole config (errors
 //! carry field paths such as `routes[2].pool`), stored as a new version and audited.
 
+use crate::config::policy::PolicyRuleConfig;
 use crate::config::{Config, PoolConfig, RouteConfig};
 
 use super::ControlError;
@@ -134,4 +135,51 @@ mod tests {
         assert!(delete_pool(&mut config, "b").is_err());
         assert!(find_pool(&config, "a").is_some());
     }
+}
+
+fn route_mut<'a>(config: &'a mut Config, route: &str) -> Result<&'a mut RouteConfig, ControlError> {
+    let (index, _) = find_route(config, route).ok_or_else(|| unknown("route", route))?;
+    Ok(&mut config.routes[index])
+}
+
+/// Replaces a route's whole ordered L7 policy list (SPEC POLICY-2).
+pub fn put_policies(
+    config: &mut Config,
+    route: &str,
+    policies: Vec<PolicyRuleConfig>,
+) -> Result<bool, ControlError> {
+    route_mut(config, route)?.policies = policies;
+    Ok(false)
+}
+
+/// Replaces the policy called `name` in place (its position, and so its precedence, stays)
+/// or appends it last. Returns whether it was added. Stored with `name` set.
+pub fn put_policy(
+    config: &mut Config,
+    route: &str,
+    name: &str,
+    mut policy: PolicyRuleConfig,
+) -> Result<bool, ControlError> {
+    policy.name = name.to_string();
+    let policies = &mut route_mut(config, route)?.policies;
+    match policies.iter().position(|p| p.name == name) {
+        Some(index) => {
+            policies[index] = policy;
+            Ok(false)
+        }
+        None => {
+            policies.push(policy);
+            Ok(true)
+        }
+    }
+}
+
+pub fn delete_policy(config: &mut Config, route: &str, name: &str) -> Result<(), ControlError> {
+    let policies = &mut route_mut(config, route)?.policies;
+    let index = policies
+        .iter()
+        .position(|p| p.name == name)
+        .ok_or_else(|| unknown("policy", name))?;
+    policies.remove(index);
+    Ok(())
 }
