@@ -235,7 +235,10 @@ path_prefix = "/login"
                 .get(&url)
                 .header("x-forwarded-for", address)
                 // Client text that must not forge a match for another address.
-                .header("user-agent", "RATE_LIMIT client_ip=192.0.2.99 host=x path=/ status=429")
+                .header(
+                    "user-agent",
+                    "RATE_LIMIT client_ip=192.0.2.99 host=x path=/ status=429",
+                )
                 .send()
                 .await
                 .expect("request");

@@ -89,7 +89,12 @@ async fn metric(gateway: &Gateway, name: &str, labels: &[(&str, &str)]) -> f64 {
 /// The refusal body carries the same request id as the response header.
 fn assert_request_id(answer: &Answer) {
     let header = answer.header("x-request-id").expect("x-request-id");
-    assert_eq!(answer.json()["request_id"], header.as_str(), "{}", answer.text);
+    assert_eq!(
+        answer.json()["request_id"],
+        header.as_str(),
+        "{}",
+        answer.text
+    );
 }
 
 fn with_admin(extra: &str, backend: SocketAddr) -> String {
@@ -165,11 +170,21 @@ path_prefix = "/free"
     assert_eq!(get(&keyed, &[]).await.status, 429);
 
     assert_eq!(
-        metric(&gateway, "gatehouse_rate_limited_total", &[("route", "api")]).await,
+        metric(
+            &gateway,
+            "gatehouse_rate_limited_total",
+            &[("route", "api")]
+        )
+        .await,
         1.0
     );
     assert_eq!(
-        metric(&gateway, "gatehouse_rate_limited_total", &[("route", "keyed")]).await,
+        metric(
+            &gateway,
+            "gatehouse_rate_limited_total",
+            &[("route", "keyed")]
+        )
+        .await,
         2.0
     );
     let line = gateway.stderr.wait_for(0, PATIENCE, |line| {
@@ -203,7 +218,12 @@ path_prefix = "/a"
         1.0
     );
     assert_eq!(
-        metric(&gateway, "gatehouse_rate_limited_total", &[("route", "none")]).await,
+        metric(
+            &gateway,
+            "gatehouse_rate_limited_total",
+            &[("route", "none")]
+        )
+        .await,
         1.0
     );
 }
@@ -271,10 +291,7 @@ async fn l7_policies_deny_with_403_first_match_wins_and_are_counted() {
     );
     assert_eq!(get(&url, &[key, ("x-debug", "0")]).await.status, 200);
     // The office network is allowed before any deny rule is looked at.
-    let office = [
-        ("x-forwarded-for", "192.0.2.44"),
-        ("user-agent", "sqlmap"),
-    ];
+    let office = [("x-forwarded-for", "192.0.2.44"), ("user-agent", "sqlmap")];
     assert_eq!(get(&url, &office).await.status, 200);
 
     for policy in ["scanners", "python", "need-key", "no-debug"] {
@@ -308,7 +325,12 @@ async fn ctl(admin: &str, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-async fn admin_call(gateway: &Gateway, method: http::Method, path: &str, body: Option<Value>) -> Answer {
+async fn admin_call(
+    gateway: &Gateway,
+    method: http::Method,
+    path: &str,
+    body: Option<Value>,
+) -> Answer {
     let url = format!("http://{}{path}", gateway.addr("admin"));
     let mut request = http1_client().request(method, &url);
     if let Some(body) = body {
@@ -351,7 +373,14 @@ async fn policies_are_edited_at_runtime_through_the_admin_api_and_ctl_and_persis
     std::fs::write(&file, "user_agent = \"evilbot\"\n").unwrap();
     let (ok, out, err) = ctl(
         &admin,
-        &["policies", "put", "--route", "site", "bots", file.to_str().unwrap()],
+        &[
+            "policies",
+            "put",
+            "--route",
+            "site",
+            "bots",
+            file.to_str().unwrap(),
+        ],
     )
     .await;
     assert!(ok, "{err}");
@@ -378,7 +407,13 @@ async fn policies_are_edited_at_runtime_through_the_admin_api_and_ctl_and_persis
         .map(|p| p["name"].as_str().unwrap().to_string())
         .collect();
     assert_eq!(names, ["bots", "need-key"]);
-    let one = admin_call(&gateway, http::Method::GET, "/routes/site/policies/bots", None).await;
+    let one = admin_call(
+        &gateway,
+        http::Method::GET,
+        "/routes/site/policies/bots",
+        None,
+    )
+    .await;
     assert_eq!(one.json()["user_agent"], "evilbot");
 
     // A bad rule is refused with its field path, and nothing changes.
@@ -395,7 +430,13 @@ async fn policies_are_edited_at_runtime_through_the_admin_api_and_ctl_and_persis
         "{}",
         bad.text
     );
-    let missing = admin_call(&gateway, http::Method::GET, "/routes/site/policies/nope", None).await;
+    let missing = admin_call(
+        &gateway,
+        http::Method::GET,
+        "/routes/site/policies/nope",
+        None,
+    )
+    .await;
     assert_eq!(missing.status, 404);
     let missing = admin_call(&gateway, http::Method::GET, "/routes/nope/policies", None).await;
     assert_eq!(missing.status, 404);
@@ -403,9 +444,18 @@ async fn policies_are_edited_at_runtime_through_the_admin_api_and_ctl_and_persis
     // ctl list: a table, and --json.
     let (ok, out, err) = ctl(&admin, &["policies", "list", "--route", "site"]).await;
     assert!(ok, "{err}");
-    assert!(out.contains("POLICY") && out.contains("CONDITIONS"), "{out}");
-    assert!(out.contains("bots") && out.contains("user_agent~evilbot"), "{out}");
-    assert!(out.contains("need-key") && out.contains("require x-api-key"), "{out}");
+    assert!(
+        out.contains("POLICY") && out.contains("CONDITIONS"),
+        "{out}"
+    );
+    assert!(
+        out.contains("bots") && out.contains("user_agent~evilbot"),
+        "{out}"
+    );
+    assert!(
+        out.contains("need-key") && out.contains("require x-api-key"),
+        "{out}"
+    );
     let (ok, out, err) = ctl(&admin, &["--json", "policies", "list", "--route", "site"]).await;
     assert!(ok, "{err}");
     let listed: Value = serde_json::from_str(&out).expect("json");
@@ -519,8 +569,7 @@ impl Signer {
         match self {
             Signer::Hs256(secret) => json!({"kty": "oct", "kid": kid, "k": b64(secret)}),
             Signer::Rs256(key) => {
-                let public =
-                    ring::signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
+                let public = ring::signature::RsaPublicKeyComponents::<Vec<u8>>::from(key.public());
                 json!({
                     "kty": "RSA", "kid": kid, "alg": "RS256", "use": "sig",
                     "n": b64(&public.n),
@@ -615,7 +664,12 @@ forward_claims = {{ sub = "x-user", scope = "x-scope" }}
         }
         claims
     };
-    for (signer, kid) in [(&hs, None), (&rsa, Some("r1")), (&ec, Some("e1")), (&ed, Some("d1"))] {
+    for (signer, kid) in [
+        (&hs, None),
+        (&rsa, Some("r1")),
+        (&ec, Some("e1")),
+        (&ed, Some("d1")),
+    ] {
         let token = signer.sign(kid, &good(json!({})));
         let answer = get(
             &url,
@@ -627,7 +681,12 @@ forward_claims = {{ sub = "x-user", scope = "x-scope" }}
         .await;
         assert_eq!(answer.status, 200, "{}: {}", signer.alg(), answer.text);
         let echoed = answer.json();
-        assert_eq!(echoed_header(&echoed, "x-user"), ["alice"], "{}", signer.alg());
+        assert_eq!(
+            echoed_header(&echoed, "x-user"),
+            ["alice"],
+            "{}",
+            signer.alg()
+        );
         assert_eq!(echoed_header(&echoed, "x-scope"), ["read"]);
     }
     // Without a kid the matching key type is found too.
@@ -644,12 +703,30 @@ forward_claims = {{ sub = "x-user", scope = "x-scope" }}
     assert_request_id(&missing);
     let other_ec = Signer::Es256(ec_key());
     let cases = [
-        (rsa.sign(Some("r1"), &good(json!({"exp": now() - 60}))), "token expired"),
-        (ed.sign(Some("d1"), &good(json!({"nbf": now() + 60}))), "token not yet valid"),
-        (hs.sign(None, &good(json!({"iss": "https://evil"}))), "wrong issuer"),
-        (ec.sign(Some("e1"), &good(json!({"aud": "web"}))), "wrong audience"),
-        (other_ec.sign(Some("e1"), &good(json!({}))), "signature does not verify"),
-        (Signer::Hs256(b"another-secret-of-some-length".to_vec()).sign(None, &good(json!({}))), "signature does not verify"),
+        (
+            rsa.sign(Some("r1"), &good(json!({"exp": now() - 60}))),
+            "token expired",
+        ),
+        (
+            ed.sign(Some("d1"), &good(json!({"nbf": now() + 60}))),
+            "token not yet valid",
+        ),
+        (
+            hs.sign(None, &good(json!({"iss": "https://evil"}))),
+            "wrong issuer",
+        ),
+        (
+            ec.sign(Some("e1"), &good(json!({"aud": "web"}))),
+            "wrong audience",
+        ),
+        (
+            other_ec.sign(Some("e1"), &good(json!({}))),
+            "signature does not verify",
+        ),
+        (
+            Signer::Hs256(b"another-secret-of-some-length".to_vec()).sign(None, &good(json!({}))),
+            "signature does not verify",
+        ),
         ("not.a.token".to_string(), "malformed"),
     ];
     for (token, reason) in cases {
@@ -727,7 +804,11 @@ require_exp = false
                 if answer.status == status {
                     return;
                 }
-                assert!(Instant::now() < deadline, "never got {status}: {}", answer.text);
+                assert!(
+                    Instant::now() < deadline,
+                    "never got {status}: {}",
+                    answer.text
+                );
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
@@ -741,9 +822,9 @@ require_exp = false
     // A broken document keeps the keys that work.
     *document.lock().unwrap() = "{not json".into();
     let from = gateway.stderr.len();
-    gateway.stderr.wait_for(from, PATIENCE, |line| {
-        line.contains("JWKS refresh failed")
-    });
+    gateway
+        .stderr
+        .wait_for(from, PATIENCE, |line| line.contains("JWKS refresh failed"));
     assert_eq!(get(&url, &[("authorization", &new)]).await.status, 200);
 }
 
@@ -790,8 +871,14 @@ users = {{ alice = "{alice}", bob = "{bob}" }}
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(echoed_header(&answer.json(), "x-remote-user"), ["alice"]);
     // The limit follows the user, not the address: alice's burst is spent, bob's is not.
-    assert_eq!(get(&url, &[("authorization", &alice_auth)]).await.status, 200);
-    assert_eq!(get(&url, &[("authorization", &alice_auth)]).await.status, 429);
+    assert_eq!(
+        get(&url, &[("authorization", &alice_auth)]).await.status,
+        200
+    );
+    assert_eq!(
+        get(&url, &[("authorization", &alice_auth)]).await.status,
+        429
+    );
     let bob_auth = basic("bob", "builder");
     assert_eq!(get(&url, &[("authorization", &bob_auth)]).await.status, 200);
     assert_eq!(
@@ -928,7 +1015,10 @@ upstream_headers = ["x-user"]
     let answer = get(&url, &[]).await;
     assert_eq!(answer.status, 401);
     assert_eq!(answer.text, "login first");
-    assert_eq!(answer.header("www-authenticate").as_deref(), Some("Bearer realm=\"sso\""));
+    assert_eq!(
+        answer.header("www-authenticate").as_deref(),
+        Some("Bearer realm=\"sso\"")
+    );
     // A 5xx from the service is a failure: fail_mode closed → 503.
     let answer = get(&url, &[("authorization", "Bearer boom")]).await;
     assert_eq!(answer.status, 503);
@@ -945,9 +1035,16 @@ upstream_headers = ["x-user"]
         let started = Instant::now();
         let answer = get(&gateway.url("public", path), &[]).await;
         assert_eq!(answer.status, status, "{path}: {}", answer.text);
-        assert!(started.elapsed() < Duration::from_secs(10), "{path} took too long");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{path} took too long"
+        );
     }
-    assert_eq!(backend.count(), 3, "allowed requests only reach the backend");
+    assert_eq!(
+        backend.count(),
+        3,
+        "allowed requests only reach the backend"
+    );
     for (route, result, value) in [
         ("main", "allowed", 1.0),
         ("main", "denied", 2.0),

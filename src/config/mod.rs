@@ -6,8 +6,8 @@
 //! validated `Config` into what the data plane runs.
 
 pub mod firewall;
-pub mod policy;
 mod load;
+pub mod policy;
 pub mod resilience;
 pub mod tls;
 pub mod units;

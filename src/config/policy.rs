@@ -307,7 +307,10 @@ pub fn validate_route_policies(
     if let Some(basic) = &route.basic_auth {
         let path = format!("{path}.basic_auth");
         if basic.users.is_empty() {
-            out.push((format!("{path}.users"), "must name at least one user".into()));
+            out.push((
+                format!("{path}.users"),
+                "must name at least one user".into(),
+            ));
         }
         for (user, hash) in &basic.users {
             if user.is_empty() || user.contains(':') {
@@ -450,10 +453,7 @@ fn validate_jwt(jwt: &JwtConfig, path: &str, out: &mut Vec<(String, String)>) {
         ));
     }
     if jwt.secret.as_deref().is_some_and(|s| s.len() < 16) {
-        out.push((
-            format!("{path}.secret"),
-            "must be at least 16 bytes".into(),
-        ));
+        out.push((format!("{path}.secret"), "must be at least 16 bytes".into()));
     }
     if let Some(url) = &jwt.jwks_url {
         if let Err(message) = crate::policy::client::Target::parse(url) {
@@ -461,13 +461,13 @@ fn validate_jwt(jwt: &JwtConfig, path: &str, out: &mut Vec<(String, String)>) {
         }
     }
     if jwt.jwks_refresh.0 < std::time::Duration::from_secs(1) {
-        out.push((
-            format!("{path}.jwks_refresh"),
-            "must be at least 1s".into(),
-        ));
+        out.push((format!("{path}.jwks_refresh"), "must be at least 1s".into()));
     }
     if jwt.jwks_timeout.0.is_zero() {
-        out.push((format!("{path}.jwks_timeout"), "must be more than 0s".into()));
+        out.push((
+            format!("{path}.jwks_timeout"),
+            "must be more than 0s".into(),
+        ));
     }
     for (claim, header) in &jwt.forward_claims {
         if !header_name_ok(header) {

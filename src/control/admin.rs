@@ -331,7 +331,11 @@ const ROUTES: &[RouteEntry] = &[
     entry("PUT", "/routes/{name}/policies", Op::PutPolicies),
     entry("GET", "/routes/{name}/policies/{policy}", Op::GetPolicy),
     entry("PUT", "/routes/{name}/policies/{policy}", Op::PutPolicy),
-    entry("DELETE", "/routes/{name}/policies/{policy}", Op::DeletePolicy),
+    entry(
+        "DELETE",
+        "/routes/{name}/policies/{policy}",
+        Op::DeletePolicy,
+    ),
     entry("GET", "/pools", Op::ListPools),
     entry("GET", "/pools/{name}", Op::GetPool),
     entry("PUT", "/pools/{name}", Op::PutPool),
@@ -965,7 +969,8 @@ impl Admin {
                 .await
             }
             Op::PutPolicy => {
-                let (name, policy_name) = (routed.param(0)?.to_string(), routed.param(1)?.to_string());
+                let (name, policy_name) =
+                    (routed.param(0)?.to_string(), routed.param(1)?.to_string());
                 let meta = ChangeMeta::of(&request, caller)?;
                 let mut body: Value = read_json(request).await?;
                 if let Some(object) = body.as_object_mut() {
@@ -984,7 +989,8 @@ impl Admin {
                 .await
             }
             Op::DeletePolicy => {
-                let (name, policy_name) = (routed.param(0)?.to_string(), routed.param(1)?.to_string());
+                let (name, policy_name) =
+                    (routed.param(0)?.to_string(), routed.param(1)?.to_string());
                 let meta = ChangeMeta::of(&request, caller)?;
                 let message = meta.message_or(format!("route {name}: delete policy {policy_name}"));
                 self.edit(meta, "delete_policy", message, move |config| {

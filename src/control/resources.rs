@@ -93,50 +93,6 @@ pub fn delete_pool(config: &mut Config, name: &str) -> Result<(), ControlError> 
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config() -> Config {
-        crate::config::parse_str(
-            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n\n[[pools]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\npool = \"a\"\n\n[[routes]]\nname = \"named\"\npool = \"a\"\n",
-            crate::config::Format::Toml,
-            std::iter::empty(),
-        )
-        .expect("config")
-    }
-
-    #[test]
-    fn routes_are_found_by_name_or_default_name_and_replaced_or_appended() {
-        let mut config = config();
-        assert_eq!(find_route(&config, "route0").map(|(i, _)| i), Some(0));
-        assert_eq!(find_route(&config, "named").map(|(i, _)| i), Some(1));
-        assert!(find_route(&config, "route1").is_none());
-        let route = config.routes[0].clone();
-        assert!(!put_route(&mut config, "route0", route.clone()).unwrap());
-        assert_eq!(config.routes[0].name.as_deref(), Some("route0"));
-        assert!(put_route(&mut config, "new", route).unwrap());
-        assert_eq!(config.routes.len(), 3);
-        delete_route(&mut config, "named").unwrap();
-        assert!(matches!(
-            delete_route(&mut config, "named"),
-            Err(ControlError::UnknownName { kind: "route", .. })
-        ));
-    }
-
-    #[test]
-    fn pools_are_replaced_appended_and_removed_by_name() {
-        let mut config = config();
-        let pool = config.pools[0].clone();
-        assert!(put_pool(&mut config, "b", pool.clone()).unwrap());
-        assert_eq!(config.pools[1].name, "b");
-        assert!(!put_pool(&mut config, "b", pool).unwrap());
-        delete_pool(&mut config, "b").unwrap();
-        assert!(delete_pool(&mut config, "b").is_err());
-        assert!(find_pool(&config, "a").is_some());
-    }
-}
-
 fn route_mut<'a>(config: &'a mut Config, route: &str) -> Result<&'a mut RouteConfig, ControlError> {
     let (index, _) = find_route(config, route).ok_or_else(|| unknown("route", route))?;
     Ok(&mut config.routes[index])
@@ -182,4 +138,48 @@ pub fn delete_policy(config: &mut Config, route: &str, name: &str) -> Result<(),
         .ok_or_else(|| unknown("policy", name))?;
     policies.remove(index);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> Config {
+        crate::config::parse_str(
+            "[[listeners]]\nname = \"l\"\nbind = \"127.0.0.1:0\"\n\n[[pools]]\nname = \"a\"\nendpoints = [\"127.0.0.1:1\"]\n\n[[routes]]\npool = \"a\"\n\n[[routes]]\nname = \"named\"\npool = \"a\"\n",
+            crate::config::Format::Toml,
+            std::iter::empty(),
+        )
+        .expect("config")
+    }
+
+    #[test]
+    fn routes_are_found_by_name_or_default_name_and_replaced_or_appended() {
+        let mut config = config();
+        assert_eq!(find_route(&config, "route0").map(|(i, _)| i), Some(0));
+        assert_eq!(find_route(&config, "named").map(|(i, _)| i), Some(1));
+        assert!(find_route(&config, "route1").is_none());
+        let route = config.routes[0].clone();
+        assert!(!put_route(&mut config, "route0", route.clone()).unwrap());
+        assert_eq!(config.routes[0].name.as_deref(), Some("route0"));
+        assert!(put_route(&mut config, "new", route).unwrap());
+        assert_eq!(config.routes.len(), 3);
+        delete_route(&mut config, "named").unwrap();
+        assert!(matches!(
+            delete_route(&mut config, "named"),
+            Err(ControlError::UnknownName { kind: "route", .. })
+        ));
+    }
+
+    #[test]
+    fn pools_are_replaced_appended_and_removed_by_name() {
+        let mut config = config();
+        let pool = config.pools[0].clone();
+        assert!(put_pool(&mut config, "b", pool.clone()).unwrap());
+        assert_eq!(config.pools[1].name, "b");
+        assert!(!put_pool(&mut config, "b", pool).unwrap());
+        delete_pool(&mut config, "b").unwrap();
+        assert!(delete_pool(&mut config, "b").is_err());
+        assert!(find_pool(&config, "a").is_some());
+    }
 }

@@ -137,13 +137,11 @@ pub fn error_response(
 ) -> Response<ResponseBody> {
     let status = error.status();
     let message = error.to_string();
-    if let (ProxyError::Policy(Rejection::ExtAuthzDenied { headers, body, .. }), false) =
-        (error, grpc)
-    {
+    if let (ProxyError::Policy(Rejection::ExtAuthzDenied(denial)), false) = (error, grpc) {
         // The authorization service's own answer, bounded when it was read.
-        let mut response = Response::new(ResponseBody::full(body.clone()));
+        let mut response = Response::new(ResponseBody::full(denial.body.clone()));
         *response.status_mut() = status;
-        response.headers_mut().extend(headers.clone());
+        response.headers_mut().extend(denial.headers.clone());
         return response;
     }
     let response = if grpc {

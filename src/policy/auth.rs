@@ -54,7 +54,10 @@ impl Alg {
 
 enum KeyMaterial {
     Hmac(ring::hmac::Key),
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
     /// Uncompressed P-256 point.
     P256(Vec<u8>),
     Ed25519(Vec<u8>),
@@ -204,10 +207,13 @@ impl JwksSource {
     }
 }
 
+/// A source's identity: origin, refresh interval, fetch timeout, size cap.
+type SourceKey = (Origin, Duration, Duration, u64);
+
 /// JWKS sources by origin and settings, outliving snapshots (keys survive reloads).
 #[derive(Default)]
 pub struct JwksRegistry {
-    sources: Mutex<HashMap<(Origin, Duration, Duration, u64), Weak<JwksSource>>>,
+    sources: Mutex<HashMap<SourceKey, Weak<JwksSource>>>,
 }
 
 impl JwksRegistry {
@@ -234,12 +240,11 @@ impl JwksRegistry {
         });
         if let Origin::File(path) = &origin {
             // A missing or broken file rejects the config, like a missing certificate.
-            let keys = read_file(path, jwt.jwks_max_bytes.0).map_err(|message| {
-                AuthError::JwksFile {
+            let keys =
+                read_file(path, jwt.jwks_max_bytes.0).map_err(|message| AuthError::JwksFile {
                     path: path.clone(),
                     message,
-                }
-            })?;
+                })?;
             source.keys.store(Arc::new(keys));
             source.loaded.store(true, Ordering::Release);
         }
@@ -366,7 +371,11 @@ impl Jwt {
             })
             .collect::<Result<_, _>>()?;
         Ok(Jwt {
-            algorithms: config.algorithms.iter().filter_map(|a| Alg::parse(a)).collect(),
+            algorithms: config
+                .algorithms
+                .iter()
+                .filter_map(|a| Alg::parse(a))
+                .collect(),
             secret: config.secret.as_ref().map(|secret| Jwk {
                 kid: None,
                 alg: Some(Alg::Hs256),
@@ -435,7 +444,10 @@ impl Jwt {
             .map(str::to_string))
     }
 
-    fn verify(&self, token: &str) -> Result<serde_json::Map<String, serde_json::Value>, AuthFailure> {
+    fn verify(
+        &self,
+        token: &str,
+    ) -> Result<serde_json::Map<String, serde_json::Value>, AuthFailure> {
         let invalid = |description: &str| self.fail("invalid_token", description);
         let mut parts = token.split('.');
         let (Some(head), Some(body), Some(sig), None) =
@@ -570,7 +582,10 @@ impl Basic {
     }
 
     /// Checks the credentials (bcrypt on the blocking pool); returns the user name.
-    pub async fn authenticate(&self, headers: &mut HeaderMap) -> Result<Option<String>, AuthFailure> {
+    pub async fn authenticate(
+        &self,
+        headers: &mut HeaderMap,
+    ) -> Result<Option<String>, AuthFailure> {
         let encoded = credentials(headers, "Basic").ok_or_else(|| self.fail("no credentials"))?;
         let decoded = STANDARD
             .decode(encoded)

@@ -45,9 +45,7 @@ impl Target {
             Some("https") => true,
             _ => return Err(format!("{url:?}: must start with http:// or https://")),
         };
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("{url:?}: no host"))?;
+        let authority = uri.authority().ok_or_else(|| format!("{url:?}: no host"))?;
         let host = authority.host().trim_matches(['[', ']']).to_string();
         let port = authority.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let address = if host.contains(':') {
@@ -85,9 +83,12 @@ pub async fn get(
     max_body: u64,
     strict: bool,
 ) -> Result<Answer, ClientError> {
-    tokio::time::timeout(timeout, exchange(target, headers, timeout, max_body, strict))
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))?
+    tokio::time::timeout(
+        timeout,
+        exchange(target, headers, timeout, max_body, strict),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(timeout))?
 }
 
 async fn exchange(

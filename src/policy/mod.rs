@@ -46,12 +46,8 @@ pub enum Rejection {
         reason: String,
     },
     /// The authorization service's own status, headers and body.
-    #[error("denied by the authorization service ({status})")]
-    ExtAuthzDenied {
-        status: StatusCode,
-        headers: HeaderMap,
-        body: Bytes,
-    },
+    #[error("denied by the authorization service ({})", .0.status)]
+    ExtAuthzDenied(Box<Denial>),
     /// 503: the authorization service failed and `fail_mode = "closed"`.
     #[error("authorization service unavailable: {0}")]
     ExtAuthzUnavailable(String),
@@ -63,7 +59,7 @@ impl Rejection {
             Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Rejection::Policy { .. } => StatusCode::FORBIDDEN,
             Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Rejection::ExtAuthzDenied { status, .. } => *status,
+            Rejection::ExtAuthzDenied(denial) => denial.status,
             Rejection::ExtAuthzUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -73,10 +69,18 @@ impl Rejection {
             Rejection::RateLimited { .. } => "rate_limited",
             Rejection::Policy { .. } => "policy_denied",
             Rejection::Unauthenticated { .. } => "unauthorized",
-            Rejection::ExtAuthzDenied { .. } => "ext_authz_denied",
+            Rejection::ExtAuthzDenied(_) => "ext_authz_denied",
             Rejection::ExtAuthzUnavailable(_) => "ext_authz_unavailable",
         }
     }
+}
+
+/// An external authorization service's denial, passed to the client.
+#[derive(Debug)]
+pub struct Denial {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,8 +151,9 @@ impl RateLimit {
                 .headers
                 .get(name)
                 .map_or_else(address, |value| self.limiter.text_key(value.as_bytes())),
-            KeySource::Identity => identity
-                .map_or_else(address, |identity| self.limiter.text_key(identity.as_bytes())),
+            KeySource::Identity => identity.map_or_else(address, |identity| {
+                self.limiter.text_key(identity.as_bytes())
+            }),
         };
         match self.limiter.check(key) {
             Decision::Allow => Ok(()),
@@ -420,18 +425,23 @@ impl RouteFilters {
                 client_ip: context.client_ip,
                 request_id: context.request_id,
             };
-            authz.check(&mut parts.headers, &facts).await.map_err(|refusal| match refusal {
-                ext_authz::Refusal::Denied {
-                    status,
-                    headers,
-                    body,
-                } => Rejection::ExtAuthzDenied {
-                    status,
-                    headers,
-                    body,
-                },
-                ext_authz::Refusal::Unavailable(reason) => Rejection::ExtAuthzUnavailable(reason),
-            })?;
+            authz
+                .check(&mut parts.headers, &facts)
+                .await
+                .map_err(|refusal| match refusal {
+                    ext_authz::Refusal::Denied {
+                        status,
+                        headers,
+                        body,
+                    } => Rejection::ExtAuthzDenied(Box::new(Denial {
+                        status,
+                        headers,
+                        body,
+                    })),
+                    ext_authz::Refusal::Unavailable(reason) => {
+                        Rejection::ExtAuthzUnavailable(reason)
+                    }
+                })?;
         }
         Ok(identity)
     }

@@ -7,7 +7,7 @@
 //! key is still busy (an address-spraying attack) an arbitrary eighth of the shard is
 //! evicted, which only ever lets a request through that might have been limited.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -75,9 +75,7 @@ impl Limiter {
 
     /// A key for a string (header value, identity); hashed so no client text is stored.
     pub fn text_key(&self, text: &[u8]) -> Key {
-        let mut hasher = self.seed.build_hasher();
-        text.hash(&mut hasher);
-        Key(u128::from(hasher.finish()) | 3 << 64)
+        Key(u128::from(self.seed.hash_one(text)) | 3 << 64)
     }
 
     fn now(&self) -> u64 {
@@ -90,11 +88,7 @@ impl Limiter {
 
     /// GCRA at `now` (nanoseconds since the limiter was made).
     pub fn check_at(&self, key: Key, now: u64) -> Decision {
-        let shard_index = {
-            let mut hasher = self.seed.build_hasher();
-            key.hash(&mut hasher);
-            hasher.finish() as usize % SHARDS
-        };
+        let shard_index = self.seed.hash_one(key) as usize % SHARDS;
         let mut map = self.shards[shard_index].lock();
         let tat = map.get(&key.0).copied().unwrap_or(now).max(now);
         let lead = tat - now;

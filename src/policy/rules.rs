@@ -145,7 +145,15 @@ mod tests {
 
     fn rule(toml_text: &str) -> Rule {
         let config: PolicyRuleConfig = toml::from_str(toml_text).expect("rule");
-        Rule::compile(&config, crate::telemetry::Metrics::default().policy_counter(crate::telemetry::metrics::PolicyFamily::PolicyBlocks, "r", "p")).expect("compile")
+        Rule::compile(
+            &config,
+            crate::telemetry::Metrics::default().policy_counter(
+                crate::telemetry::metrics::PolicyFamily::PolicyBlocks,
+                "r",
+                "p",
+            ),
+        )
+        .expect("compile")
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {

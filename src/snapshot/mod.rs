@@ -270,9 +270,7 @@ pub fn compile(
         .routes
         .iter()
         .enumerate()
-        .map(|(index, route)| {
-            compile_route(index, route, &pools, registries).map(Arc::new)
-        })
+        .map(|(index, route)| compile_route(index, route, &pools, registries).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     let request_id_header = HeaderName::from_bytes(config.http.request_id_header.as_bytes())
         .map_err(|e| CompileError::Invalid {
@@ -483,9 +481,8 @@ fn compile_route(
         .clone()
         .unwrap_or_else(|| format!("route{index}"))
         .into();
-    let policy =
-        crate::policy::compile_route(index, &name, route, &registries.policy, metrics)?
-            .map(Box::new);
+    let policy = crate::policy::compile_route(index, &name, route, &registries.policy, metrics)?
+        .map(Box::new);
     let metrics = metrics.route(&name, route.pool.as_deref().unwrap_or(""));
     Ok(Route {
         policy,

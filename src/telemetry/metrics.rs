@@ -425,7 +425,9 @@ impl Metrics {
             .iter()
             .position(|f| *f == family)
             .unwrap_or(0);
-        self.policy[index].lock().get(route, label, cap, Labeled::new)
+        self.policy[index]
+            .lock()
+            .get(route, label, cap, Labeled::new)
     }
 
     fn render_policy(&self, out: &mut String) {
