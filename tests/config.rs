@@ -539,7 +539,7 @@ pool = "broken"
             r#"listeners[1].bind: invalid address "127.0.0.1"; expected ip:port such as 127.0.0.1:8080 or [::]:443"#,
             r#"pools[0].endpoints: invalid type: string "127.0.0.1:1", expected a list"#,
             "pools[1].endpoints: at least one endpoint is required",
-            "routes[0].colour: unknown field `colour`, expected one of `name`, `priority`, `match`, `pool`, `redirect`, `direct_response`, `strip_prefix`, `rewrite_prefix`, `rewrite_regex`, `host_rewrite`, `preserve_host`, `timeouts`, `max_request_body`, `require_client_cert`, `retry`, `hedge`",
+            "routes[0].colour: unknown field `colour`, expected one of `name`, `priority`, `match`, `pool`, `redirect`, `direct_response`, `strip_prefix`, `rewrite_prefix`, `rewrite_regex`, `host_rewrite`, `preserve_host`, `timeouts`, `max_request_body`, `require_client_cert`, `retry`, `hedge`, `rate_limit`, `policies`, `jwt`, `basic_auth`, `ext_authz`",
             r#"routes[1].timeouts.response_header: invalid duration "never" (expected number at 0); write it like "30s", "250ms" or "1m 30s""#,
             r#"routes[2].pool: unknown pool "missing""#,
         ]
@@ -754,7 +754,7 @@ fn env_override_errors_name_the_variable() {
             "env GATEHOUSE___WORKERS: empty path segment",
             "nope: unknown field; expected one of workers, drain_timeout, log, access_log, metrics, tracing, http, tls, acme, firewall, watch_interval, demo, listeners, pools, routes, store, admin (set by environment variable GATEHOUSE_NOPE)",
             r#"workers: invalid type: string "many", expected a non-negative integer (set by environment variable GATEHOUSE_WORKERS)"#,
-            "http.nope: unknown field `nope`, expected one of `x_forwarded_for`, `trusted_proxies`, `request_id_header`, `add_forwarded`, `add_via`, `hide_upstream_server` (set by environment variable GATEHOUSE_HTTP__NOPE__DEEPER)",
+            "http.nope: unknown field `nope`, expected one of `x_forwarded_for`, `trusted_proxies`, `request_id_header`, `add_forwarded`, `add_via`, `hide_upstream_server`, `rate_limit` (set by environment variable GATEHOUSE_HTTP__NOPE__DEEPER)",
             "listeners[0].limits.max_request_header_bytes: must be at least 8192 bytes (set by environment variable GATEHOUSE_LISTENERS__0__LIMITS__MAX_REQUEST_HEADER_BYTES)",
         ]
     );
