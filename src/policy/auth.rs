@@ -540,9 +540,24 @@ fn bearer(headers: &HeaderMap) -> Option<String> {
     credentials(headers, "Bearer").map(str::to_string)
 }
 
+/// bcrypt checks running at once, per process: a flood of wrong passwords queues here
+/// instead of taking every blocking thread.
+fn bcrypt_slots() -> &'static tokio::sync::Semaphore {
+    static SLOTS: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    SLOTS.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
+
+/// Longest wait for a bcrypt slot before the request is refused.
+const BCRYPT_WAIT: Duration = Duration::from_secs(5);
+
 /// A compiled `basic_auth` block.
 pub struct Basic {
     users: HashMap<String, String>,
+    /// Checked for unknown users too, so answering takes as long as for a known one.
+    decoy: String,
     challenge: HeaderValue,
     forward: Option<HeaderName>,
     /// sha256(user, password, hash) of recent successes.
@@ -552,6 +567,7 @@ pub struct Basic {
 impl Basic {
     pub fn compile(config: &BasicAuthConfig) -> Result<Basic, AuthError> {
         Ok(Basic {
+            decoy: config.users.values().next().cloned().unwrap_or_default(),
             users: config
                 .users
                 .iter()
@@ -595,25 +611,27 @@ impl Basic {
         let (user, password) = decoded
             .split_once(':')
             .ok_or_else(|| self.fail("malformed credentials"))?;
-        let hash = self
-            .users
-            .get(user)
-            .ok_or_else(|| self.fail("unknown user or wrong password"))?;
+        let known_user = self.users.get(user);
+        let hash = known_user.unwrap_or(&self.decoy);
         let mut digest = sha2::Sha256::new();
         for part in [user, password, hash.as_str()] {
             digest.update((part.len() as u64).to_be_bytes());
             digest.update(part.as_bytes());
         }
         let fingerprint: [u8; 32] = digest.finalize().into();
-        let known = self.verified.lock().contains(&fingerprint);
+        let known = known_user.is_some() && self.verified.lock().contains(&fingerprint);
         if !known {
+            let Ok(Ok(_slot)) = tokio::time::timeout(BCRYPT_WAIT, bcrypt_slots().acquire()).await
+            else {
+                return Err(self.fail("authentication busy"));
+            };
             let (password, hash) = (password.to_string(), hash.clone());
             let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
                 .await
                 .ok()
                 .and_then(Result::ok)
                 .unwrap_or(false);
-            if !ok {
+            if !ok || known_user.is_none() {
                 return Err(self.fail("unknown user or wrong password"));
             }
             let mut verified = self.verified.lock();

@@ -108,8 +108,7 @@ async fn exchange(
         .map_err(|e| ClientError::Request(e.to_string()))?;
     request.headers_mut().extend(headers);
     let response = if target.tls {
-        let tls = crate::tls::UpstreamTlsConnector::new(&Default::default(), &[b"http/1.1"])
-            .map_err(|e| ClientError::Tls(target.host.clone(), e.to_string()))?;
+        let tls = connector().map_err(|e| ClientError::Tls(target.host.clone(), e.clone()))?;
         let name = tls
             .server_name_for(&target.address)
             .map_err(|e| ClientError::Tls(target.host.clone(), e.to_string()))?;
@@ -145,6 +144,19 @@ async fn exchange(
         body: buffer.freeze(),
         truncated,
     })
+}
+
+/// One TLS client config (system roots) for the process: loading the roots is file I/O,
+/// not something to repeat per call.
+fn connector() -> Result<&'static crate::tls::UpstreamTlsConnector, &'static String> {
+    static CONNECTOR: std::sync::OnceLock<Result<crate::tls::UpstreamTlsConnector, String>> =
+        std::sync::OnceLock::new();
+    CONNECTOR
+        .get_or_init(|| {
+            crate::tls::UpstreamTlsConnector::new(&Default::default(), &[b"http/1.1"])
+                .map_err(|e| e.to_string())
+        })
+        .as_ref()
 }
 
 async fn send<S>(

@@ -92,22 +92,23 @@ pub enum PolicyError {
 /// State that outlives snapshots.
 #[derive(Default)]
 pub struct PolicyRegistry {
-    /// Rate limiters by scope (`http` or `route:<name>`), reused while settings stay equal.
+    /// Rate limiters by scope (`http` or `route:<name>`) and settings.
     limiters: Mutex<HashMap<String, Weak<Limiter>>>,
     pub jwks: auth::JwksRegistry,
 }
 
 impl PolicyRegistry {
     fn limiter(&self, scope: &str, settings: &RequestRateLimitConfig) -> Arc<Limiter> {
+        // Keyed by settings too, so compiling a config that is then rejected (or only
+        // validated) never displaces the running snapshot's buckets.
+        let key = format!("{scope}\u{0}{settings:?}");
         let mut limiters = self.limiters.lock();
         limiters.retain(|_, weak| weak.strong_count() > 0);
-        if let Some(found) = limiters.get(scope).and_then(Weak::upgrade) {
-            if found.settings == *settings {
-                return found;
-            }
+        if let Some(found) = limiters.get(&key).and_then(Weak::upgrade) {
+            return found;
         }
         let limiter = Arc::new(Limiter::new(settings));
-        limiters.insert(scope.to_string(), Arc::downgrade(&limiter));
+        limiters.insert(key, Arc::downgrade(&limiter));
         limiter
     }
 }

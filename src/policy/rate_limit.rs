@@ -29,8 +29,6 @@ pub struct Limiter {
     epoch: Instant,
     shards: [Mutex<Map>; SHARDS],
     seed: foldhash::fast::RandomState,
-    /// The settings this limiter was built from, to reuse it across reloads.
-    pub(super) settings: RequestRateLimitConfig,
 }
 
 /// The key of one client: an address (IPv6 by its /64) or a hashed string.
@@ -69,7 +67,6 @@ impl Limiter {
             epoch: Instant::now(),
             shards: std::array::from_fn(|_| Mutex::new(Map::default())),
             seed: foldhash::fast::RandomState::default(),
-            settings: settings.clone(),
         }
     }
 
