@@ -728,6 +728,21 @@ forward_claims = {{ sub = "x-user", scope = "x-scope" }}
             "signature does not verify",
         ),
         ("not.a.token".to_string(), "malformed"),
+        // alg "none" (unsigned) is never accepted.
+        (
+            format!(
+                "{}.{}.",
+                b64(b"{\"alg\":\"none\"}"),
+                b64(good(json!({})).to_string().as_bytes())
+            ),
+            "algorithm not accepted",
+        ),
+        // An HS256 token "signed" with a public key's bytes: HMAC uses only secrets.
+        (
+            Signer::Hs256(rsa.jwk("r1")["n"].as_str().unwrap().as_bytes().to_vec())
+                .sign(Some("r1"), &good(json!({}))),
+            "signature does not verify",
+        ),
     ];
     for (token, reason) in cases {
         let answer = get(&url, &[("authorization", &format!("Bearer {token}"))]).await;
@@ -750,7 +765,7 @@ forward_claims = {{ sub = "x-user", scope = "x-scope" }}
             &[("route", "api"), ("scheme", "bearer")]
         )
         .await,
-        8.0
+        10.0
     );
 }
 

@@ -84,7 +84,13 @@ impl ProxyError {
             ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ProxyError::Policy(rejection) => rejection.status(),
+            ProxyError::Policy(Rejection::RateLimited { .. }) => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Policy(Rejection::Policy { .. }) => StatusCode::FORBIDDEN,
+            ProxyError::Policy(Rejection::Unauthenticated { .. }) => StatusCode::UNAUTHORIZED,
+            ProxyError::Policy(Rejection::ExtAuthzDenied(denial)) => denial.status,
+            ProxyError::Policy(Rejection::ExtAuthzUnavailable(_)) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -110,7 +116,11 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => "no_healthy_upstream",
             ProxyError::CircuitOpen { .. } => "circuit_open",
             ProxyError::Overloaded { .. } => "overloaded",
-            ProxyError::Policy(rejection) => rejection.code(),
+            ProxyError::Policy(Rejection::RateLimited { .. }) => "rate_limited",
+            ProxyError::Policy(Rejection::Policy { .. }) => "policy_denied",
+            ProxyError::Policy(Rejection::Unauthenticated { .. }) => "unauthorized",
+            ProxyError::Policy(Rejection::ExtAuthzDenied(_)) => "ext_authz_denied",
+            ProxyError::Policy(Rejection::ExtAuthzUnavailable(_)) => "ext_authz_unavailable",
         }
     }
 }
@@ -244,4 +254,67 @@ pub fn is_grpc(headers: &http::HeaderMap) -> bool {
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rendered(rejection: Rejection, grpc: bool) -> Response<ResponseBody> {
+        error_response(
+            &ProxyError::Policy(rejection),
+            &HeaderValue::from_static("req-1"),
+            grpc,
+        )
+    }
+
+    #[test]
+    fn policy_rejections_map_to_their_statuses_and_headers() {
+        let response = rendered(Rejection::RateLimited { retry_after: 7 }, false);
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[RETRY_AFTER], "7");
+        let challenge = HeaderValue::from_static("Bearer realm=\"gatehouse\"");
+        let response = rendered(
+            Rejection::Unauthenticated {
+                challenge: challenge.clone(),
+                reason: "no bearer token".into(),
+            },
+            false,
+        );
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[WWW_AUTHENTICATE], challenge);
+        let response = rendered(
+            Rejection::Policy {
+                policy: "bots".into(),
+            },
+            false,
+        );
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let response = rendered(Rejection::ExtAuthzUnavailable("down".into()), false);
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "1");
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        let response = rendered(
+            Rejection::ExtAuthzDenied(Box::new(crate::policy::Denial {
+                status: StatusCode::PAYMENT_REQUIRED,
+                headers,
+                body: bytes::Bytes::from_static(b"pay"),
+            })),
+            false,
+        );
+        assert_eq!(response.status(), StatusCode::PAYMENT_REQUIRED);
+        assert_eq!(response.headers()[CONTENT_TYPE], "text/plain");
+        // gRPC: a status in the trailers-only answer, the challenge still there.
+        let response = rendered(
+            Rejection::Unauthenticated {
+                challenge: challenge.clone(),
+                reason: "expired".into(),
+            },
+            true,
+        );
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["grpc-status"], "16");
+        assert_eq!(response.headers()[WWW_AUTHENTICATE], challenge);
+    }
 }

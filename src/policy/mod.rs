@@ -30,7 +30,7 @@ use crate::config::RouteConfig;
 use crate::telemetry::metrics::{Labeled, Metrics, PolicyFamily};
 use rate_limit::{Decision, Key, Limiter};
 
-/// Why a policy refused a request. Statuses are mapped in `http::error`.
+/// Why a policy refused a request. `http::error` maps each to its status and code.
 #[derive(Debug, thiserror::Error)]
 pub enum Rejection {
     /// 429 with `Retry-After` (seconds, rounded up).
@@ -51,28 +51,6 @@ pub enum Rejection {
     /// 503: the authorization service failed and `fail_mode = "closed"`.
     #[error("authorization service unavailable: {0}")]
     ExtAuthzUnavailable(String),
-}
-
-impl Rejection {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Rejection::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            Rejection::Policy { .. } => StatusCode::FORBIDDEN,
-            Rejection::Unauthenticated { .. } => StatusCode::UNAUTHORIZED,
-            Rejection::ExtAuthzDenied(denial) => denial.status,
-            Rejection::ExtAuthzUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    pub fn code(&self) -> &'static str {
-        match self {
-            Rejection::RateLimited { .. } => "rate_limited",
-            Rejection::Policy { .. } => "policy_denied",
-            Rejection::Unauthenticated { .. } => "unauthorized",
-            Rejection::ExtAuthzDenied(_) => "ext_authz_denied",
-            Rejection::ExtAuthzUnavailable(_) => "ext_authz_unavailable",
-        }
-    }
 }
 
 /// An external authorization service's denial, passed to the client.
