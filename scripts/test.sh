@@ -4,10 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# External tools the tests drive for real: fail2ban-regex checks the firewall's log line;
+# External tools the tests drive for real: fail2ban-regex checks the firewall's and the
+# rate limiter's log lines; openssl makes the RSA key the RS256 JWT tests sign with;
 # schemathesis fuzzes the admin API against its OpenAPI document (installed below).
 missing=()
 command -v fail2ban-regex >/dev/null 2>&1 || missing+=(fail2ban)
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 # pebble (and pebble-challtestsrv) is the real ACME server the ACME tests validate against.
 command -v pebble >/dev/null 2>&1 || missing+=(pebble)
 if [ "${#missing[@]}" -gt 0 ]; then
