@@ -304,7 +304,9 @@ impl Proxy {
                     scheme: conn.scheme,
                     request_id: (&snapshot.http.request_id_header, &exchange.request_id),
                 };
-                filters.run(&mut parts, &context).await?;
+                // Boxed: the chain's state (auth, ext-authz calls) would otherwise widen
+                // the future of every request, policies or not.
+                Box::pin(filters.run(&mut parts, &context)).await?;
                 Request::from_parts(parts, body)
             }
         };
