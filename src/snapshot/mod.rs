@@ -44,6 +44,10 @@ pub enum CompileError {
     },
     #[error("{path}: unknown pool {pool:?}")]
     UnknownPool { path: String, pool: String },
+    #[error(transparent)]
+    Traffic(#[from] crate::traffic::TrafficError),
+    #[error(transparent)]
+    Policy(#[from] crate::policy::PolicyError),
     #[error("routes[{index}].{field}: {message}")]
     Invalid {
         index: usize,
@@ -95,6 +99,13 @@ pub struct Route {
     /// Retry policy (SPEC UP-7); the budget belongs to the pool.
     pub retry: crate::config::RetryConfig,
     pub hedge: Option<crate::config::HedgeConfig>,
+    /// Weighted split between pools (SPEC TRAFFIC-1..3); the action then names the
+    /// baseline pool.
+    pub split: Option<crate::traffic::Split>,
+    /// Mirroring to a shadow pool (SPEC TRAFFIC-4).
+    pub mirror: Option<crate::traffic::mirror::Mirror>,
+    /// Header transforms, CORS and compression (SPEC POLICY-5, POLICY-6).
+    pub filters: Option<crate::policy::Filters>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -209,6 +220,7 @@ pub struct Registries {
     pub firewall: FirewallRegistries,
     pub acme: crate::acme::AcmeRegistry,
     pub metrics: Arc<crate::telemetry::Metrics>,
+    pub traffic: crate::traffic::TrafficRegistry,
 }
 
 fn compile_firewall(
@@ -264,7 +276,7 @@ pub fn compile(
         .iter()
         .enumerate()
         .map(|(index, route)| {
-            compile_route(index, route, &pools, &registries.metrics).map(Arc::new)
+            compile_route(index, route, &pools, registries).map(Arc::new)
         })
         .collect::<Result<Vec<_>, _>>()?;
     let request_id_header = HeaderName::from_bytes(config.http.request_id_header.as_bytes())
@@ -409,14 +421,16 @@ fn compile_route(
     index: usize,
     route: &RouteConfig,
     pools: &HashMap<String, Arc<Pool>>,
-    metrics: &crate::telemetry::Metrics,
+    registries: &Registries,
 ) -> Result<Route, CompileError> {
+    let metrics = &registries.metrics;
     let invalid = |field: &'static str, message: String| CompileError::Invalid {
         index,
         field,
         message,
     };
-    let action = if let Some(pool_name) = &route.pool {
+    let baseline = route.split.first().map(|target| &target.pool);
+    let action = if let Some(pool_name) = route.pool.as_ref().or(baseline) {
         let pool = pools
             .get(pool_name)
             .ok_or_else(|| invalid("pool", format!("unknown pool {pool_name:?}")))?;
@@ -469,7 +483,30 @@ fn compile_route(
         .unwrap_or_else(|| format!("route{index}"))
         .into();
     let metrics = metrics.route(&name, route.pool.as_deref().unwrap_or(""));
+    let path = format!("routes[{index}]");
+    let split = crate::traffic::Split::compile(&name, route, &path, pools, &registries.traffic)?;
+    let mirror = match &route.mirror {
+        Some(mirror) => {
+            let pool = pools.get(&mirror.pool).ok_or_else(|| CompileError::UnknownPool {
+                path: format!("{path}.mirror.pool"),
+                pool: mirror.pool.clone(),
+            })?;
+            let state = registries
+                .traffic
+                .mirror(&name, &mirror.pool, mirror.max_in_flight);
+            Some(crate::traffic::mirror::Mirror::compile(
+                mirror,
+                pool.clone(),
+                state,
+            ))
+        }
+        None => None,
+    };
+    let filters = crate::policy::Filters::compile(route, &path)?;
     Ok(Route {
+        split,
+        mirror,
+        filters,
         name,
         metrics,
         action,
@@ -542,6 +579,7 @@ impl Publisher {
             Err(err) => {
                 // Forget registry entries the rejected config created.
                 upstreams.retain(&self.current.load().config.pools);
+                self.registries.traffic.retain(&self.current.load().config);
                 return Err(err);
             }
         };
@@ -549,6 +587,7 @@ impl Publisher {
         install_certificates(&self.registries, &snapshot);
         self.current.store(snapshot.clone());
         upstreams.retain(&pools);
+        self.registries.traffic.retain(&snapshot.config);
         upstreams.start_checks(snapshot.pools.values());
         Ok(snapshot)
     }
