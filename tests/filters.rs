@@ -15,9 +15,9 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
+use support::{config_with_pool, echoed_header, full, Backend, Gateway, TestBody, PATIENCE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
-use support::{config_with_pool, echoed_header, full, Backend, Gateway, TestBody, PATIENCE};
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -151,7 +151,10 @@ max_age = "10m"
     assert_eq!(h["access-control-allow-credentials"], "true");
     assert_eq!(h["access-control-max-age"], "600");
     let vary: Vec<_> = h.get_all("vary").iter().collect();
-    assert!(vary.iter().any(|v| v.to_str().unwrap().contains("Origin")), "{vary:?}");
+    assert!(
+        vary.iter().any(|v| v.to_str().unwrap().contains("Origin")),
+        "{vary:?}"
+    );
     // A wildcard subdomain is allowed; a disallowed origin, method or header gets a 204
     // with no CORS headers (the browser refuses).
     let response = preflight("https://shop.example.org", "GET", "x-token")
@@ -202,7 +205,10 @@ max_age = "10m"
         .await
         .expect("request");
     assert_eq!(response.status(), 200);
-    assert!(response.headers().get("access-control-allow-origin").is_none());
+    assert!(response
+        .headers()
+        .get("access-control-allow-origin")
+        .is_none());
     assert_eq!(response.headers()["vary"], "Origin");
     // An OPTIONS that is not a preflight (no Access-Control-Request-Method) is forwarded.
     let response = client
@@ -218,7 +224,9 @@ max_age = "10m"
 /// The compressible test document: repetitive text, so every encoding shrinks it.
 fn document() -> Vec<u8> {
     (0..400)
-        .flat_map(|i| format!("line {i}: the quick brown fox jumps over the lazy dog\n").into_bytes())
+        .flat_map(|i| {
+            format!("line {i}: the quick brown fox jumps over the lazy dog\n").into_bytes()
+        })
         .collect()
 }
 
@@ -330,7 +338,11 @@ compression = { algorithms = ["br", "zstd", "gzip"], min_size = "256B" }
             assert_eq!(h["vary"], "Accept-Encoding");
             assert_eq!(h["etag"], "W/\"v1\"");
             let body = response.bytes().await.expect("body");
-            assert!(body.len() < document().len() / 4, "{accept}: {} bytes", body.len());
+            assert!(
+                body.len() < document().len() / 4,
+                "{accept}: {} bytes",
+                body.len()
+            );
             assert_eq!(decode(expected, &body).await, document(), "{path} {accept}");
         }
     }
@@ -433,15 +445,13 @@ enum StreamDecoder {
 impl StreamDecoder {
     fn new(encoding: &str) -> StreamDecoder {
         match encoding {
-            "gzip" => StreamDecoder::Gzip(async_compression::tokio::write::GzipDecoder::new(
-                Vec::new(),
-            )),
+            "gzip" => {
+                StreamDecoder::Gzip(async_compression::tokio::write::GzipDecoder::new(Vec::new()))
+            }
             "br" => StreamDecoder::Br(async_compression::tokio::write::BrotliDecoder::new(
                 Vec::new(),
             )),
-            _ => StreamDecoder::Zstd(async_compression::tokio::write::ZstdDecoder::new(
-                Vec::new(),
-            )),
+            _ => StreamDecoder::Zstd(async_compression::tokio::write::ZstdDecoder::new(Vec::new())),
         }
     }
 

@@ -154,7 +154,13 @@ async fn weighted_split_matches_its_weights_and_changes_at_run_time() {
     // 2000 requests at p = 0.1: sd = 13.4; 5σ (±67) fails by chance with p < 1e-6.
     let counts = spread(&client, &url, 2000, &[]).await;
     assert_eq!(counts.values().sum::<usize>(), 2000, "{counts:?}");
-    assert_binomial(counts.get("canary").copied().unwrap_or(0), 2000, 0.1, 5.0, "canary at 10%");
+    assert_binomial(
+        counts.get("canary").copied().unwrap_or(0),
+        2000,
+        0.1,
+        5.0,
+        "canary at 10%",
+    );
 
     // The admin API changes the weights (a stored config version).
     let (status, body) = admin(
@@ -169,7 +175,13 @@ async fn weighted_split_matches_its_weights_and_changes_at_run_time() {
     assert_eq!(target(&traffic, "web", "canary")["weight"], 50);
     let counts = spread(&client, &url, 1000, &[]).await;
     // p = 0.5, n = 1000: sd = 15.8; 5σ = ±79.
-    assert_binomial(counts.get("canary").copied().unwrap_or(0), 1000, 0.5, 5.0, "canary at 50%");
+    assert_binomial(
+        counts.get("canary").copied().unwrap_or(0),
+        1000,
+        0.5,
+        5.0,
+        "canary at 50%",
+    );
 
     // An unknown pool is refused and changes nothing.
     let (status, _) = admin(
@@ -228,7 +240,13 @@ split_hash = { on = "client_ip" }
     let user_url = gateway.url("public", "/user");
 
     // Cohort by header and by cookie: always the canary (a user hash would split them).
-    let counts = spread(&client, &user_url, 40, &[("x-cohort", "beta"), ("x-user", "u1")]).await;
+    let counts = spread(
+        &client,
+        &user_url,
+        40,
+        &[("x-cohort", "beta"), ("x-user", "u1")],
+    )
+    .await;
     assert_eq!(counts.get("canary"), Some(&40), "{counts:?}");
     let counts = spread(
         &client,
@@ -239,7 +257,13 @@ split_hash = { on = "client_ip" }
     .await;
     assert_eq!(counts.get("canary"), Some(&40), "{counts:?}");
     // A value that is not the cohort's falls through to the hash.
-    let other = spread(&client, &user_url, 10, &[("x-cohort", "alpha"), ("x-user", "u3")]).await;
+    let other = spread(
+        &client,
+        &user_url,
+        10,
+        &[("x-cohort", "alpha"), ("x-user", "u3")],
+    )
+    .await;
     assert_eq!(other.len(), 1, "one user, one pool: {other:?}");
 
     // Consistent hash by header and by cookie: each of 40 users always lands on one pool,
@@ -252,7 +276,11 @@ split_hash = { on = "client_ip" }
         for user in 0..40 {
             let value = template.replace("{}", &user.to_string());
             let counts = spread(&client, &url, 8, &[(header, &value)]).await;
-            assert_eq!(counts.len(), 1, "{header} {value} moved between pools: {counts:?}");
+            assert_eq!(
+                counts.len(),
+                1,
+                "{header} {value} moved between pools: {counts:?}"
+            );
             pools_used.extend(counts.into_keys());
         }
         assert_eq!(pools_used.len(), 2, "{header}: {pools_used:?}");
@@ -406,7 +434,13 @@ brake = { factor = 1.5, window = "1m", min_requests = 10, cool_off = "1h" }
     assert_eq!((status, &body["released"]), (200, &json!(1)), "{body}");
     let counts = spread(&client, &url, 200, &[]).await;
     // p = 0.6 to the canary, n = 200: sd = 6.9; 5σ = ±35.
-    assert_binomial(counts.get("canary").copied().unwrap_or(0), 200, 0.6, 5.0, "canary after reset");
+    assert_binomial(
+        counts.get("canary").copied().unwrap_or(0),
+        200,
+        0.6,
+        5.0,
+        "canary after reset",
+    );
     let (_, traffic) = admin(&gateway, reqwest::Method::GET, "/traffic", None).await;
     assert!(traffic["brake_events"]
         .as_array()
@@ -507,7 +541,9 @@ mirror = {{ pool = "failing", percent = 50, max_body = "1KiB" }}
         }
     });
     let answers: Vec<(u16, u64)> = stream::iter(requests).buffer_unordered(8).collect().await;
-    assert!(answers.iter().all(|(status, len)| *status == 200 && *len > 0));
+    assert!(answers
+        .iter()
+        .all(|(status, len)| *status == 200 && *len > 0));
     let sent = eventually("mirror counters to settle", || async {
         let text = metrics(&gateway).await;
         let value = |outcome: &str| {
@@ -546,7 +582,11 @@ mirror = {{ pool = "failing", percent = 50, max_body = "1KiB" }}
     }
     // Each of the 20 was chosen with p = 0.5; at least one (all missed: p = 2⁻²⁰).
     assert!((1..=20).contains(&skipped), "skipped {skipped}");
-    assert_eq!(failing.requests(), sent, "an oversized body reached the shadow");
+    assert_eq!(
+        failing.requests(),
+        sent,
+        "an oversized body reached the shadow"
+    );
 }
 
 #[test]
@@ -570,7 +610,10 @@ mirror = { pool = "a", percent = 150 }
     let errors = gatehouse::config::parse_str(text, gatehouse::config::Format::Toml, Vec::new())
         .expect_err("invalid")
         .0;
-    let paths: Vec<String> = errors.iter().map(|e| format!("{}: {}", e.path, e.message)).collect();
+    let paths: Vec<String> = errors
+        .iter()
+        .map(|e| format!("{}: {}", e.path, e.message))
+        .collect();
     for expected in [
         "routes[0].split[1].pool: unknown pool \"ghost\"",
         "routes[0].split: pool and split are mutually exclusive",
@@ -580,6 +623,9 @@ mirror = { pool = "a", percent = 150 }
         "routes[0].brake.min_requests: must be at least 1",
         "routes[0].mirror.percent: must be between 0 and 100",
     ] {
-        assert!(paths.iter().any(|p| p == expected), "missing {expected:?} in {paths:#?}");
+        assert!(
+            paths.iter().any(|p| p == expected),
+            "missing {expected:?} in {paths:#?}"
+        );
     }
 }

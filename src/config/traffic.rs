@@ -249,8 +249,7 @@ pub fn validate_route(
     };
     if let Some(hash) = &route.split_hash {
         split_only("split_hash", &mut push);
-        if hash.on != HashOn::ClientIp
-            && !hash.name.as_deref().is_some_and(|name| !name.is_empty())
+        if hash.on != HashOn::ClientIp && hash.name.as_deref().is_none_or(str::is_empty)
         {
             push(
                 format!("{path}.split_hash.name"),
@@ -301,7 +300,10 @@ pub fn validate_route(
             );
         }
         if !(brake.factor.is_finite() && brake.factor >= 1.0) {
-            push(format!("{path}.brake.factor"), "must be at least 1.0".into());
+            push(
+                format!("{path}.brake.factor"),
+                "must be at least 1.0".into(),
+            );
         }
         if !(0.0..=1.0).contains(&brake.min_error_rate) {
             push(

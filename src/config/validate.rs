@@ -635,7 +635,10 @@ fn validate_route(route: &RouteConfig, path: &str, pools: &HashSet<&str>, errors
         errors.push(field, message);
     }
     if route.pool.is_some() && !route.split.is_empty() {
-        errors.push(format!("{path}.split"), "pool and split are mutually exclusive");
+        errors.push(
+            format!("{path}.split"),
+            "pool and split are mutually exclusive",
+        );
     }
     let actions = [
         super::traffic::forwards(route),

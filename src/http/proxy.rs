@@ -526,8 +526,7 @@ impl Proxy {
         let keep = mirror.map_or(retry.max_replay_body.0, |mirror| {
             mirror.max_body.max(retry.max_replay_body.0)
         });
-        if upgrade.is_none()
-            && (retry.max_retries > 0 || route.hedge.is_some() || mirror.is_some())
+        if upgrade.is_none() && (retry.max_retries > 0 || route.hedge.is_some() || mirror.is_some())
         {
             let declared = parts
                 .headers

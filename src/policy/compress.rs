@@ -108,7 +108,7 @@ impl Compression {
             .get(CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
-        !length.is_some_and(|length| length < self.min_size)
+        length.is_none_or(|length| length >= self.min_size)
     }
 
     /// The encoding this client prefers among ours, by q-value, ties in config order.
@@ -210,7 +210,8 @@ fn parse_q(text: &str) -> Option<u16> {
 
 enum Codec {
     Gzip(GzipEncoder<Vec<u8>>),
-    Brotli(BrotliEncoder<Vec<u8>>),
+    // Boxed: brotli's state is kilobytes, the others' a pointer or two.
+    Brotli(Box<BrotliEncoder<Vec<u8>>>),
     Zstd(ZstdEncoder<Vec<u8>>),
 }
 
@@ -218,10 +219,10 @@ impl Codec {
     fn new(encoding: Encoding) -> Codec {
         match encoding {
             Encoding::Gzip => Codec::Gzip(GzipEncoder::new(Vec::new())),
-            Encoding::Br => Codec::Brotli(BrotliEncoder::with_quality(
+            Encoding::Br => Codec::Brotli(Box::new(BrotliEncoder::with_quality(
                 Vec::new(),
                 Level::Precise(BROTLI_QUALITY),
-            )),
+            ))),
             Encoding::Zstd => Codec::Zstd(ZstdEncoder::new(Vec::new())),
         }
     }
@@ -229,7 +230,7 @@ impl Codec {
     fn writer(&mut self) -> Pin<&mut (dyn AsyncWrite + Unpin)> {
         match self {
             Codec::Gzip(w) => Pin::new(w),
-            Codec::Brotli(w) => Pin::new(w),
+            Codec::Brotli(w) => Pin::new(w.as_mut()),
             Codec::Zstd(w) => Pin::new(w),
         }
     }
@@ -307,8 +308,7 @@ where
             match &mut this.state {
                 State::Done => return Poll::Ready(None),
                 State::Trailers(_) => {
-                    let State::Trailers(trailers) =
-                        std::mem::replace(&mut this.state, State::Done)
+                    let State::Trailers(trailers) = std::mem::replace(&mut this.state, State::Done)
                     else {
                         return Poll::Ready(None);
                     };
@@ -458,7 +458,10 @@ mod tests {
         assert!(c.eligible(
             &get,
             ok,
-            &headers(&[("content-type", "application/json"), ("content-length", "5000")])
+            &headers(&[
+                ("content-type", "application/json"),
+                ("content-length", "5000")
+            ])
         ));
     }
 }

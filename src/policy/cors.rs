@@ -30,7 +30,11 @@ pub fn check_origin_pattern(origin: &str) -> Result<(), String> {
     let (scheme, rest) = origin
         .split_once("://")
         .ok_or_else(|| format!("{origin:?} is not an origin like \"https://app.example.com\""))?;
-    if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+') {
+    if scheme.is_empty()
+        || !scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'+')
+    {
         return Err(format!("{origin:?} has an invalid scheme"));
     }
     let host = rest.strip_prefix("*.").unwrap_or(rest);
@@ -98,11 +102,10 @@ impl Cors {
             }
         }
         for (index, method) in config.allow_methods.iter().enumerate() {
-            let method =
-                Method::from_bytes(method.as_bytes()).map_err(|_| CorsError::Invalid {
-                    field: format!("{field}.allow_methods[{index}]"),
-                    message: format!("{method:?} is not a method"),
-                })?;
+            let method = Method::from_bytes(method.as_bytes()).map_err(|_| CorsError::Invalid {
+                field: format!("{field}.allow_methods[{index}]"),
+                message: format!("{method:?} is not a method"),
+            })?;
             cors.methods.push(method);
         }
         if !config.allow_headers.iter().any(|name| name == "*") {
@@ -168,7 +171,9 @@ impl Cors {
         out.append(VARY, HeaderValue::from_static("Origin"));
         out.append(
             VARY,
-            HeaderValue::from_static("Access-Control-Request-Method, Access-Control-Request-Headers"),
+            HeaderValue::from_static(
+                "Access-Control-Request-Method, Access-Control-Request-Headers",
+            ),
         );
         let method_ok = Method::from_bytes(requested.as_bytes())
             .is_ok_and(|requested| self.methods.contains(&requested));

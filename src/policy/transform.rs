@@ -170,12 +170,11 @@ impl Transform {
             map.iter()
                 .map(|(header, template)| {
                     let at = format!("{field}.{kind}.{header}");
-                    let parsed = Template::parse(template).map_err(|message| {
-                        TransformError::Invalid {
+                    let parsed =
+                        Template::parse(template).map_err(|message| TransformError::Invalid {
                             field: at.clone(),
                             message,
-                        }
-                    })?;
+                        })?;
                     Ok((name(header, at)?, parsed))
                 })
                 .collect::<Result<Vec<_>, TransformError>>()

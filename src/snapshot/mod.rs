@@ -275,9 +275,7 @@ pub fn compile(
         .routes
         .iter()
         .enumerate()
-        .map(|(index, route)| {
-            compile_route(index, route, &pools, registries).map(Arc::new)
-        })
+        .map(|(index, route)| compile_route(index, route, &pools, registries).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     let request_id_header = HeaderName::from_bytes(config.http.request_id_header.as_bytes())
         .map_err(|e| CompileError::Invalid {
@@ -487,10 +485,12 @@ fn compile_route(
     let split = crate::traffic::Split::compile(&name, route, &path, pools, &registries.traffic)?;
     let mirror = match &route.mirror {
         Some(mirror) => {
-            let pool = pools.get(&mirror.pool).ok_or_else(|| CompileError::UnknownPool {
-                path: format!("{path}.mirror.pool"),
-                pool: mirror.pool.clone(),
-            })?;
+            let pool = pools
+                .get(&mirror.pool)
+                .ok_or_else(|| CompileError::UnknownPool {
+                    path: format!("{path}.mirror.pool"),
+                    pool: mirror.pool.clone(),
+                })?;
             let state = registries
                 .traffic
                 .mirror(&name, &mirror.pool, mirror.max_in_flight);

@@ -250,7 +250,12 @@ impl Split {
         {
             state.window.lock().clear();
             tracing::warn!(route = %self.route, pool = %self.targets[index].pool.name, "canary brake released after cool-off");
-            self.registry.event(&self.route, &self.targets[index].pool.name, "released", None);
+            self.registry.event(
+                &self.route,
+                &self.targets[index].pool.name,
+                "released",
+                None,
+            );
         }
         false
     }
@@ -269,7 +274,11 @@ impl Split {
         };
         let now = Instant::now();
         let (canary_requests, canary_errors) =
-            target.state.window.lock().record(now, brake.window.0, failed);
+            target
+                .state
+                .window
+                .lock()
+                .record(now, brake.window.0, failed);
         if index == 0 || target.state.braked_until.load(Ordering::Relaxed) != 0 {
             return;
         }
@@ -470,11 +479,14 @@ impl TrafficShared {
     }
 }
 
+/// Registry entries by (route name, pool name).
+type ByRoutePool<T> = Mutex<HashMap<(Arc<str>, String), Arc<T>>>;
+
 /// State that outlives snapshots: split targets and mirrors by route (and pool) name.
 pub struct TrafficRegistry {
     shared: Arc<TrafficShared>,
-    targets: Mutex<HashMap<(Arc<str>, String), Arc<TargetState>>>,
-    mirrors: Mutex<HashMap<(Arc<str>, String), Arc<mirror::MirrorState>>>,
+    targets: ByRoutePool<TargetState>,
+    mirrors: ByRoutePool<mirror::MirrorState>,
 }
 
 impl Default for TrafficRegistry {
@@ -553,16 +565,18 @@ impl TrafficRegistry {
             .targets
             .lock()
             .iter()
-            .map(|((route, pool), state)| crate::telemetry::metrics::TrafficRow {
-                route: route.to_string(),
-                pool: pool.clone(),
-                kind: crate::telemetry::metrics::TrafficKind::Split {
-                    requests: state.requests.load(Ordering::Relaxed),
-                    errors: state.errors.load(Ordering::Relaxed),
-                    trips: state.trips.load(Ordering::Relaxed),
-                    braked: state.braked(),
+            .map(
+                |((route, pool), state)| crate::telemetry::metrics::TrafficRow {
+                    route: route.to_string(),
+                    pool: pool.clone(),
+                    kind: crate::telemetry::metrics::TrafficKind::Split {
+                        requests: state.requests.load(Ordering::Relaxed),
+                        errors: state.errors.load(Ordering::Relaxed),
+                        trips: state.trips.load(Ordering::Relaxed),
+                        braked: state.braked(),
+                    },
                 },
-            })
+            )
             .collect();
         rows.extend(self.mirrors.lock().iter().map(|((route, pool), state)| {
             crate::telemetry::metrics::TrafficRow {
@@ -591,8 +605,14 @@ mod tests {
         assert_eq!(window.totals(start, width), (5, 5));
         let later = start + Duration::from_secs(5);
         assert_eq!(window.record(later, width, false), (6, 5));
-        assert_eq!(window.totals(start + Duration::from_secs(11), width), (1, 0));
-        assert_eq!(window.totals(start + Duration::from_secs(30), width), (0, 0));
+        assert_eq!(
+            window.totals(start + Duration::from_secs(11), width),
+            (1, 0)
+        );
+        assert_eq!(
+            window.totals(start + Duration::from_secs(30), width),
+            (0, 0)
+        );
     }
 
     #[test]
