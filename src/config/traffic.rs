@@ -249,8 +249,7 @@ pub fn validate_route(
     };
     if let Some(hash) = &route.split_hash {
         split_only("split_hash", &mut push);
-        if hash.on != HashOn::ClientIp && hash.name.as_deref().is_none_or(str::is_empty)
-        {
+        if hash.on != HashOn::ClientIp && hash.name.as_deref().is_none_or(str::is_empty) {
             push(
                 format!("{path}.split_hash.name"),
                 "required for header and cookie".into(),
