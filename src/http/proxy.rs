@@ -379,7 +379,9 @@ impl Proxy {
             (Some(split), Some(index)) => split.targets.get(index).map_or(pool, |t| &t.pool),
             _ => pool,
         };
-        exchange.pool = Some(pool.name.clone());
+        if route.filters.is_some() {
+            exchange.pool = Some(pool.name.clone());
+        }
         let snapshot = exchange.snapshot.clone();
         let (mut parts, body) = request.into_parts();
         let downstream_version = parts.version;
