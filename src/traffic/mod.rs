@@ -84,6 +84,25 @@ fn stable_hash(value: &KeyValue<'_>) -> u64 {
     hasher.finish()
 }
 
+/// Scales a 64-bit hash onto `[0, total)` (multiply-shift keeps the order of hashes, so
+/// each target owns a contiguous slice of the hash space).
+fn hash_point(hash: u64, total: u64) -> u64 {
+    ((u128::from(hash) * u128::from(total)) >> 64) as u64
+}
+
+/// The target whose range holds `point`, the ranges laid out in config order: raising a
+/// later target's weight moves only the keys at the boundary, the rest keep their pool.
+fn range_of(weights: &[u64], point: u64) -> usize {
+    let mut upto = 0;
+    for (index, weight) in weights.iter().enumerate() {
+        upto += weight;
+        if point < upto {
+            return index;
+        }
+    }
+    0
+}
+
 struct Cohort {
     key: Key,
     value: Vec<u8>,
@@ -217,19 +236,10 @@ impl Split {
             .as_ref()
             .and_then(|key| key.read(headers, client_ip))
         {
-            // Contiguous ranges in config order: raising the canary's weight moves only
-            // the users at the boundary, the rest keep their pool.
-            Some(value) => ((u128::from(stable_hash(&value)) * u128::from(total)) >> 64) as u64,
+            Some(value) => hash_point(stable_hash(&value), total),
             None => fastrand::u64(..total),
         };
-        let mut upto = 0;
-        for (index, weight) in weights.iter().enumerate().take(self.targets.len()) {
-            upto += weight;
-            if point < upto {
-                return index;
-            }
-        }
-        0
+        range_of(&weights[..self.targets.len()], point)
     }
 
     /// Whether target `index`'s brake is engaged now; releases it once the cool-off has
@@ -613,6 +623,37 @@ mod tests {
             window.totals(start + Duration::from_secs(30), width),
             (0, 0)
         );
+    }
+
+    #[test]
+    fn raising_a_canary_weight_moves_only_boundary_users() {
+        let users: Vec<u64> = (0..10_000u64)
+            .map(|user| stable_hash(&KeyValue::Bytes(format!("user-{user}").as_bytes())))
+            .collect();
+        let place = |weights: &[u64]| -> Vec<usize> {
+            let total = weights.iter().sum();
+            users
+                .iter()
+                .map(|&hash| range_of(weights, hash_point(hash, total)))
+                .collect()
+        };
+        let before = place(&[90, 10]);
+        let after = place(&[80, 20]);
+        let canary_before = before.iter().filter(|&&pool| pool == 1).count();
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        // Nobody leaves the canary; about 10 % move onto it (binomial, n = 10 000,
+        // p = 0.1: sd = 30, 5σ = ±150). The share before is 10 % ± 150 likewise.
+        assert!(before
+            .iter()
+            .zip(&after)
+            .all(|(a, b)| !(*a == 1 && *b == 0)));
+        assert!((850..=1150).contains(&moved), "{moved} moved");
+        assert!(
+            (850..=1150).contains(&canary_before),
+            "{canary_before} on canary"
+        );
+        // The same key always lands in the same place.
+        assert_eq!(place(&[90, 10]), before);
     }
 
     #[test]
