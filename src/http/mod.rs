@@ -99,8 +99,7 @@ pub async fn serve_connection<S>(
     // Boxed: hyper keeps a slot the size of the service future in every HTTP/1 connection,
     // idle or not, and moves the future into it per request. The proxy future is tens of
     // KiB; a box makes the slot one pointer (per idle connection memory, docs/BENCHMARKS.md).
-    let service =
-        service_fn(move |request| Box::pin(proxy.clone().handle(conn.clone(), request)));
+    let service = service_fn(move |request| Box::pin(proxy.clone().handle(conn.clone(), request)));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {

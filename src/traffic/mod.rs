@@ -440,8 +440,11 @@ pub struct TargetState {
 }
 
 impl TargetState {
-    pub fn braked(&self) -> bool {
-        self.braked_until.load(Ordering::Relaxed) != 0
+    /// Whether the brake holds this target at `now_ms` (the registry clock); a passed
+    /// cool-off counts as released even before the next request notices it.
+    fn braked_at(&self, now_ms: u64) -> bool {
+        let until = self.braked_until.load(Ordering::Relaxed);
+        until != 0 && now_ms < until
     }
 }
 
@@ -571,6 +574,7 @@ impl TrafficRegistry {
 
     /// One row per split target and mirror for the metrics exposition.
     pub fn metric_rows(&self) -> Vec<crate::telemetry::metrics::TrafficRow> {
+        let now = self.shared.now_ms();
         let mut rows: Vec<_> = self
             .targets
             .lock()
@@ -583,7 +587,7 @@ impl TrafficRegistry {
                         requests: state.requests.load(Ordering::Relaxed),
                         errors: state.errors.load(Ordering::Relaxed),
                         trips: state.trips.load(Ordering::Relaxed),
-                        braked: state.braked(),
+                        braked: state.braked_at(now),
                     },
                 },
             )
