@@ -381,6 +381,17 @@ compression = { algorithms = ["br", "zstd", "gzip"], min_size = "256B" }
         response.bytes().await.unwrap().as_ref(),
         b"already gzipped bytes".repeat(100)
     );
+    // Over HTTP/2 (h2c) too: DATA frames instead of chunked encoding.
+    let response = support::h2c_client()
+        .get(gateway.url("public", "/json"))
+        .header("accept-encoding", "zstd, gzip;q=0.5")
+        .send()
+        .await
+        .expect("h2c request");
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.headers()["content-encoding"], "zstd");
+    let body = response.bytes().await.expect("body");
+    assert_eq!(decode("zstd", &body).await, document());
     let response = client
         .head(gateway.url("public", "/text"))
         .header("accept-encoding", "gzip")

@@ -454,8 +454,22 @@ async fn mirroring_copies_a_share_without_touching_the_client_exchange() {
     let primary = Backend::echo().await;
     let stall = FaultBackend::start("stall").await;
     stall.set(Fault::Stall);
-    let failing = FaultBackend::start("failing").await;
-    failing.set(Fault::Status(500));
+    // The 500-answering shadow records the bodies it receives.
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorded = bodies.clone();
+    let failing = Backend::start(std::sync::Arc::new(move |request| {
+        let recorded = recorded.clone();
+        Box::pin(async move {
+            use http_body_util::BodyExt;
+            let body = request.into_body().collect().await.map(|b| b.to_bytes());
+            let text = String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
+            recorded.lock().unwrap().push(text);
+            let mut response = http::Response::new(support::full("shadow failure"));
+            *response.status_mut() = http::StatusCode::INTERNAL_SERVER_ERROR;
+            response
+        })
+    }))
+    .await;
     let text = format!(
         r#"[admin]
 bind = "127.0.0.1:0"
@@ -556,10 +570,24 @@ mirror = {{ pool = "failing", percent = 50, max_body = "1KiB" }}
             .unwrap_or(0.0) as usize
         };
         let sent = value("sent");
-        (failing.requests() == sent && value("failed") == sent).then_some(sent)
+        (failing.count() == sent && value("failed") == sent).then_some(sent)
     })
     .await;
     assert_binomial(sent, 400, 0.5, 5.0, "mirrored share");
+    {
+        let bodies = bodies.lock().unwrap();
+        assert_eq!(bodies.len(), sent);
+        assert!(
+            bodies.iter().all(|body| body.starts_with("payload ")),
+            "a mirrored body differs: {bodies:?}"
+        );
+        let distinct: HashSet<&String> = bodies.iter().collect();
+        assert_eq!(
+            distinct.len(),
+            sent,
+            "each copy carries its own request's body"
+        );
+    }
 
     // A body over `max_body` is not mirrored (counted as skipped); the client is served.
     let mut skipped = 0;
@@ -583,7 +611,7 @@ mirror = {{ pool = "failing", percent = 50, max_body = "1KiB" }}
     // Each of the 20 was chosen with p = 0.5; at least one (all missed: p = 2⁻²⁰).
     assert!((1..=20).contains(&skipped), "skipped {skipped}");
     assert_eq!(
-        failing.requests(),
+        failing.count(),
         sent,
         "an oversized body reached the shadow"
     );
