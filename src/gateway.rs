@@ -148,6 +148,7 @@ impl Gateway {
             listeners: self.listeners.lock().all_stats(),
             firewall: Some(self.firewall_stats()),
             access_log_dropped: self.proxy.access_log.dropped(),
+            traffic: self.publisher.registries.traffic.metric_rows(),
         };
         self.metrics().render(&scrape)
     }
@@ -162,6 +163,31 @@ impl Gateway {
         let mut pools: Vec<_> = snapshot.pools.values().map(|pool| pool.status()).collect();
         pools.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         pools
+    }
+
+    /// Weighted splits (weights, brake state, counters) by route, and the recent brake
+    /// events (SPEC TRAFFIC-3).
+    pub fn traffic_status(&self) -> serde_json::Value {
+        let snapshot = self.publisher.load();
+        let splits: Vec<_> = snapshot
+            .routes
+            .iter()
+            .filter_map(|route| route.split.as_ref().map(|split| split.status()))
+            .collect();
+        serde_json::json!({
+            "splits": splits,
+            "brake_events": self.publisher.registries.traffic.events(),
+        })
+    }
+
+    /// Releases the engaged canary brakes of `route`; none when it has no split.
+    pub fn reset_brakes(&self, route: &str) -> Option<usize> {
+        let snapshot = self.publisher.load();
+        snapshot
+            .routes
+            .iter()
+            .any(|r| &*r.name == route && r.split.is_some())
+            .then(|| self.publisher.registries.traffic.reset(route))
     }
 
     /// Addresses the listeners are bound to, by listener name.

@@ -21,5 +21,6 @@ pub mod route;
 pub mod snapshot;
 pub mod telemetry;
 pub mod tls;
+pub mod traffic;
 pub mod upstream;
 pub mod workers;

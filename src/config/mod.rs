@@ -10,6 +10,7 @@ mod load;
 pub mod policy;
 pub mod resilience;
 pub mod tls;
+pub mod traffic;
 pub mod units;
 mod validate;
 
@@ -28,6 +29,10 @@ pub use tls::{
     ClientAuthMode, ListenerTls, PassthroughRoute, PlaintextAction, ProxyProtocolReceive,
     ProxyProtocolVersion, RedirectHttpsConfig, TcpListenerConfig, TlsConfig, TlsVersion,
     UnknownSni, UpstreamTls,
+};
+pub use traffic::{
+    BrakeConfig, CohortRule, CompressionConfig, CorsConfig, Encoding, HeaderTransform,
+    MirrorConfig, SplitTarget,
 };
 pub use units::{Dur, Size};
 
@@ -562,6 +567,33 @@ pub struct RouteConfig {
     /// External authorization (SPEC POLICY-4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ext_authz: Option<policy::ExtAuthzConfig>,
+    /// Weighted split between pools (SPEC TRAFFIC-1); exclusive with `pool`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split: Vec<SplitTarget>,
+    /// Keeps a user on one split pool by a consistent hash of a key (SPEC TRAFFIC-2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_hash: Option<HashConfig>,
+    /// Header or cookie values that pick a split pool, checked first (SPEC TRAFFIC-2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cohorts: Vec<CohortRule>,
+    /// The canary brake over the split (SPEC TRAFFIC-3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub brake: Option<BrakeConfig>,
+    /// Copies a share of requests to a shadow pool (SPEC TRAFFIC-4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<MirrorConfig>,
+    /// Header edits on the upstream request (SPEC POLICY-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderTransform>,
+    /// Header edits on the response to the client (SPEC POLICY-5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderTransform>,
+    /// CORS answered by the gateway (SPEC POLICY-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsConfig>,
+    /// Response compression (SPEC POLICY-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<CompressionConfig>,
 }
 
 impl RouteConfig {

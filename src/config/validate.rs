@@ -649,8 +649,17 @@ fn validate_route(route: &RouteConfig, path: &str, pools: &HashSet<&str>, errors
             );
         }
     }
+    for (field, message) in super::traffic::validate_route(route, path, pools) {
+        errors.push(field, message);
+    }
+    if route.pool.is_some() && !route.split.is_empty() {
+        errors.push(
+            format!("{path}.split"),
+            "pool and split are mutually exclusive",
+        );
+    }
     let actions = [
-        route.pool.is_some(),
+        super::traffic::forwards(route),
         route.redirect.is_some(),
         route.direct_response.is_some(),
     ];

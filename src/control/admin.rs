@@ -243,6 +243,9 @@ enum Op {
     GetFirewall,
     PutFirewall,
     Backup,
+    GetTraffic,
+    PutSplitWeights,
+    ResetBrake,
 }
 
 impl Op {
@@ -265,6 +268,7 @@ impl Op {
             | Op::ListPools
             | Op::GetPool
             | Op::GetFirewall
+            | Op::GetTraffic
             // Validate and diff change nothing.
             | Op::Validate
             | Op::Diff => Some(AdminScope::Read),
@@ -279,6 +283,8 @@ impl Op {
             | Op::PutPool
             | Op::DeletePool
             | Op::PutFirewall
+            | Op::PutSplitWeights
+            | Op::ResetBrake
             // The stored configs hold the token hashes.
             | Op::Backup => Some(AdminScope::Admin),
         }
@@ -343,6 +349,9 @@ const ROUTES: &[RouteEntry] = &[
     entry("GET", "/firewall", Op::GetFirewall),
     entry("PUT", "/firewall", Op::PutFirewall),
     entry("POST", "/store/backup", Op::Backup),
+    entry("GET", "/traffic", Op::GetTraffic),
+    entry("PUT", "/traffic/{route}/weights", Op::PutSplitWeights),
+    entry("POST", "/traffic/{route}/brake/reset", Op::ResetBrake),
 ];
 
 /// The OpenAPI 3 document of this API.
@@ -1062,6 +1071,31 @@ impl Admin {
                 })
                 .await
             }
+            Op::GetTraffic => Ok(json_response(
+                StatusCode::OK,
+                &control.gateway().traffic_status(),
+            )),
+            Op::ResetBrake => {
+                let name = routed.param(0)?;
+                let released = control
+                    .gateway()
+                    .reset_brakes(name)
+                    .ok_or_else(|| unknown("split route", name))?;
+                Ok(json_response(
+                    StatusCode::OK,
+                    &json!({"route": name, "released": released}),
+                ))
+            }
+            Op::PutSplitWeights => {
+                let name = routed.param(0)?.to_string();
+                let meta = ChangeMeta::of(&request, caller)?;
+                let body: SplitWeightsBody = read_json(request).await?;
+                let message = meta.message_or(format!("route {name}: split weights"));
+                self.edit(meta, "put_split_weights", message, move |config| {
+                    set_split_weights(config, &name, &body.weights).map(|()| false)
+                })
+                .await
+            }
             Op::Backup => {
                 let control = self.control.clone();
                 let bytes = blocking(move || backup_bytes(&control)).await??;
@@ -1334,6 +1368,41 @@ fn from_value<T: serde::de::DeserializeOwned>(value: Value) -> Result<T, ApiErro
     })
 }
 
+/// Body of `PUT /traffic/{route}/weights`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SplitWeightsBody {
+    /// Pool name → new weight; pools not named keep theirs.
+    weights: std::collections::BTreeMap<String, u32>,
+}
+
+/// Sets the weights of a route's split pools (SPEC TRAFFIC-1); validated and stored like
+/// any edit.
+fn set_split_weights(
+    config: &mut crate::config::Config,
+    route: &str,
+    weights: &std::collections::BTreeMap<String, u32>,
+) -> Result<(), ControlError> {
+    let index = resources::find_route(config, route)
+        .map(|(index, _)| index)
+        .ok_or_else(|| ControlError::UnknownName {
+            kind: "route",
+            name: route.to_string(),
+        })?;
+    let split = &mut config.routes[index].split;
+    for (pool, weight) in weights {
+        let target = split
+            .iter_mut()
+            .find(|target| &target.pool == pool)
+            .ok_or_else(|| ControlError::UnknownName {
+                kind: "split pool",
+                name: pool.clone(),
+            })?;
+        target.weight = *weight;
+    }
+    Ok(())
+}
+
 /// Body of `PUT /listeners/{name}/max_connections`.
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -1419,6 +1488,7 @@ fn status(control: &Control) -> Value {
         "firewall": firewall_stats(&gateway.firewall_stats()),
         "guard": control.guard(),
         "pools": gateway.upstream_status(),
+        "traffic": gateway.traffic_status(),
     })
 }
 

@@ -32,6 +32,8 @@ pub enum BodyError {
     Client(hyper::Error),
     #[error("upstream body error: {0}")]
     Upstream(hyper::Error),
+    #[error("response compression failed: {0}")]
+    Encode(std::io::Error),
 }
 
 /// An idle timeout that restarts with each frame and a fixed deadline, both optional.
@@ -333,6 +335,8 @@ enum Source {
     Empty,
     Full(Option<Bytes>),
     Upstream(Incoming),
+    /// Another response body, compressed on the way (`policy::compress`).
+    Encoded(Box<crate::policy::compress::Encoder<ResponseBody>>),
 }
 
 /// The response body sent to the client.
@@ -375,6 +379,21 @@ impl ResponseBody {
         ResponseBody {
             source: Source::Upstream(body),
             timers,
+            log: None,
+            observer: None,
+            grpc: false,
+            hold: None,
+        }
+    }
+
+    /// This body compressed with `encoding` as it streams. The inner body keeps its
+    /// timers and holds; the caller attaches the log and observer to the result.
+    pub fn encoded(self, encoding: crate::config::Encoding) -> ResponseBody {
+        ResponseBody {
+            source: Source::Encoded(Box::new(crate::policy::compress::Encoder::new(
+                self, encoding,
+            ))),
+            timers: Timers::new(None, None),
             log: None,
             observer: None,
             grpc: false,
@@ -443,6 +462,7 @@ impl Body for ResponseBody {
                     None => Poll::Pending,
                 },
             },
+            Source::Encoded(encoder) => Pin::new(encoder.as_mut()).poll_frame(cx),
         };
         match polled {
             Poll::Ready(Some(Ok(frame))) => {
@@ -489,6 +509,7 @@ impl Body for ResponseBody {
             Source::Empty => true,
             Source::Full(bytes) => bytes.is_none(),
             Source::Upstream(body) => body.is_end_stream(),
+            Source::Encoded(encoder) => encoder.is_end_stream(),
         }
     }
 
@@ -499,6 +520,7 @@ impl Body for ResponseBody {
                 SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64))
             }
             Source::Upstream(body) => body.size_hint(),
+            Source::Encoded(_) => SizeHint::default(),
         }
     }
 }

@@ -85,6 +85,8 @@ struct Exchange {
     trace: Option<TraceContext>,
     /// Its spans, when the trace is sampled and spans are exported.
     spans: Option<PendingTrace>,
+    /// The pool the request was forwarded to (a split decides per request).
+    pool: Option<Arc<str>>,
 }
 
 impl Proxy {
@@ -144,6 +146,7 @@ impl Proxy {
             metrics: None,
             trace,
             spans,
+            pool: None,
         };
         let started = Instant::now();
         // hyper dropped Content-Length from this request and kept Transfer-Encoding, so
@@ -293,6 +296,17 @@ impl Proxy {
                 "this route requires a client certificate",
             ));
         }
+        // CORS preflights are the gateway's to answer, ahead of the policies (a preflight
+        // carries no credentials); they never reach the upstream.
+        if let Some(cors) = route.filters.as_ref().and_then(|f| f.cors.as_ref()) {
+            if let Some(answer) = cors.preflight(request.method(), request.headers()) {
+                let mut response = Response::new(ResponseBody::empty());
+                *response.status_mut() = answer.status;
+                *response.headers_mut() = answer.headers;
+                flag(exchange, "cors_preflight");
+                return Ok(response);
+            }
+        }
         // Route filters (SPEC POLICY-1..4); a route without policies skips this branch.
         let request = match &route.policy {
             None => request,
@@ -310,7 +324,17 @@ impl Proxy {
                 Request::from_parts(parts, body)
             }
         };
-        match &route.action {
+        let captured = route.filters.as_ref().and_then(|filters| {
+            filters.capture(
+                request.method(),
+                request.headers(),
+                client_ip,
+                &exchange.request_id,
+                host_raw.as_deref().unwrap_or(""),
+                request.uri().path(),
+            )
+        });
+        let result = match &route.action {
             Action::Direct {
                 status,
                 body,
@@ -339,11 +363,27 @@ impl Proxy {
             }
             Action::Forward(_) => {
                 let route = route.clone();
-                self.forward(
-                    conn, request, &route, client_ip, host_raw, exchange, started,
-                )
-                .await
+                let choice = route
+                    .split
+                    .as_ref()
+                    .map(|split| split.choose(request.headers(), client_ip));
+                let result = self
+                    .forward(
+                        conn, request, &route, choice, client_ip, host_raw, exchange, started,
+                    )
+                    .await;
+                if let (Some(split), Some(index)) = (&route.split, choice) {
+                    split.record(index, failed_for_split(&result));
+                }
+                result
             }
+        };
+        match (&route.filters, captured) {
+            (Some(filters), Some(captured)) => result.map(|response| {
+                let pool = exchange.pool.as_deref().unwrap_or("");
+                filters.apply(captured, &route.name, pool, response)
+            }),
+            _ => result,
         }
     }
 
@@ -353,6 +393,7 @@ impl Proxy {
         conn: &Connection,
         request: Request<Incoming>,
         route: &Arc<Route>,
+        split_choice: Option<usize>,
         client_ip: std::net::IpAddr,
         host_raw: Option<String>,
         exchange: &mut Exchange,
@@ -361,6 +402,13 @@ impl Proxy {
         let Action::Forward(pool) = &route.action else {
             return Err(ProxyError::NoRoute);
         };
+        let pool = match (&route.split, split_choice) {
+            (Some(split), Some(index)) => split.targets.get(index).map_or(pool, |t| &t.pool),
+            _ => pool,
+        };
+        if route.filters.is_some() {
+            exchange.pool = Some(pool.name.clone());
+        }
         let snapshot = exchange.snapshot.clone();
         let (mut parts, body) = request.into_parts();
         let downstream_version = parts.version;
@@ -454,6 +502,22 @@ impl Proxy {
                 parts.headers.insert(header, value);
             }
         }
+        if let Some(transform) = route
+            .filters
+            .as_ref()
+            .and_then(|f| f.request_headers.as_ref())
+        {
+            let context = crate::policy::transform::Context {
+                client_ip,
+                request_id: &exchange.request_id,
+                host: host_raw.as_deref().unwrap_or(""),
+                path: parts.uri.path(),
+                method: &parts.method,
+                route: &route.name,
+                pool: &pool.name,
+            };
+            transform.apply(&mut parts.headers, &context);
+        }
         let path_and_query = rewritten_path(&route.rewrite, &parts.uri);
         if let Some(log) = exchange.log.as_mut() {
             log.record().pool = Some(pool.name.clone());
@@ -483,17 +547,26 @@ impl Proxy {
         let retry = &route.retry;
         let mut replay: Option<Bytes> = None;
         let mut streamed = Some(body);
-        if upgrade.is_none() && (retry.max_retries > 0 || route.hedge.is_some()) {
+        // A mirrored request's body is kept the same way, up to the mirror's cap.
+        let mirror = route
+            .mirror
+            .as_ref()
+            .filter(|mirror| upgrade.is_none() && mirror.wanted());
+        let keep = mirror.map_or(retry.max_replay_body.0, |mirror| {
+            mirror.max_body.max(retry.max_replay_body.0)
+        });
+        if upgrade.is_none() && (retry.max_retries > 0 || route.hedge.is_some() || mirror.is_some())
+        {
             let declared = parts
                 .headers
                 .get(CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            let small = declared.is_some_and(|length| length <= retry.max_replay_body.0);
+            let small = declared.is_some_and(|length| length <= keep);
             match streamed.take() {
                 Some(body) if body.is_end_stream() => replay = Some(Bytes::new()),
                 Some(body) if small => {
-                    replay = Some(body.buffer(retry.max_replay_body.0).await?);
+                    replay = Some(body.buffer(keep).await?);
                 }
                 other => streamed = other,
             }
@@ -504,6 +577,24 @@ impl Proxy {
             client_ip,
             headers: &parts.headers,
         };
+        if let Some(mirror) = mirror {
+            match &replay {
+                Some(bytes) if bytes.len() as u64 <= mirror.max_body => {
+                    spawn_mirror(
+                        mirror,
+                        conn,
+                        &parts,
+                        &path_and_query,
+                        route,
+                        &host_raw,
+                        &pick_context,
+                        bytes.clone(),
+                    );
+                    flag(exchange, "mirrored");
+                }
+                _ => mirror.skip_body(),
+            }
+        }
         let per_try = retry
             .per_try_timeout
             .non_zero()
@@ -737,6 +828,58 @@ impl Proxy {
             body = body.with_grpc_status_on_error();
         }
         Ok(Response::from_parts(parts, body))
+    }
+}
+
+/// Whether a forwarded request counts as an error for the canary brake: a 5xx answer, or
+/// no answer from the upstream (connect failure, timeout, reset, open circuit, overload).
+/// Failures of the client's own request (4xx) do not count.
+fn failed_for_split(result: &Result<Response<ResponseBody>, ProxyError>) -> bool {
+    match result {
+        Ok(response) => response.status().is_server_error(),
+        Err(error) => error.status().is_server_error(),
+    }
+}
+
+/// Sends a copy of the request to the mirror's pool in a detached task (SPEC TRAFFIC-4).
+#[allow(clippy::too_many_arguments)]
+fn spawn_mirror(
+    mirror: &crate::traffic::mirror::Mirror,
+    conn: &Connection,
+    parts: &http::request::Parts,
+    path_and_query: &str,
+    route: &Route,
+    host_raw: &Option<String>,
+    pick_context: &PickContext<'_>,
+    body: Bytes,
+) {
+    let Ok(picked) = mirror.pool.pick_for(pick_context, &[]) else {
+        mirror.state.failed.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let endpoint = picked.endpoint;
+    let request = upstream_request(
+        parts,
+        path_and_query,
+        route,
+        &mirror.pool,
+        host_raw,
+        &endpoint.address,
+        RequestBody::replay(body),
+    );
+    match request {
+        Ok((request, _)) => mirror.spawn(
+            endpoint.connections.clone(),
+            mirror.pool.settings.clone(),
+            ClientAddrs {
+                client: conn.peer,
+                local: conn.local,
+            },
+            request,
+        ),
+        Err(_) => {
+            mirror.state.failed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Request policies (SPEC POLICY-1..4): the per-route filter chain that runs after routing
-//! and before upstream selection, compiled once per snapshot into `snapshot::Route::policy`.
+//! and before upstream selection, compiled once per snapshot into `snapshot::Route::policy`;
+//! and the response-side filters (SPEC POLICY-5, POLICY-6: `filters.rs`).
 //!
 //! Order, fixed: global rate limit (`http.rate_limit`, every request) → the route's rate
 //! limit keyed by address or header → L7 rules → authentication (JWT or basic) → the
@@ -12,9 +13,15 @@
 
 pub mod auth;
 pub mod client;
+pub mod compress;
+pub mod cors;
 pub mod ext_authz;
+mod filters;
 pub mod rate_limit;
 pub mod rules;
+pub mod transform;
+
+pub use filters::{append_vary, Captured, Filters};
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -65,6 +72,10 @@ pub struct Denial {
 pub enum PolicyError {
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
+    #[error(transparent)]
+    Transform(#[from] transform::TransformError),
+    #[error(transparent)]
+    Cors(#[from] cors::CorsError),
 }
 
 /// State that outlives snapshots.

@@ -45,6 +45,8 @@ pub enum CompileError {
     #[error("{path}: unknown pool {pool:?}")]
     UnknownPool { path: String, pool: String },
     #[error(transparent)]
+    Traffic(#[from] crate::traffic::TrafficError),
+    #[error(transparent)]
     Policy(#[from] crate::policy::PolicyError),
     #[error("routes[{index}].{field}: {message}")]
     Invalid {
@@ -99,6 +101,13 @@ pub struct Route {
     pub hedge: Option<crate::config::HedgeConfig>,
     /// Request policies (SPEC POLICY-1..4); none when the route uses none.
     pub policy: Option<Box<crate::policy::RouteFilters>>,
+    /// Weighted split between pools (SPEC TRAFFIC-1..3); the action then names the
+    /// baseline pool.
+    pub split: Option<crate::traffic::Split>,
+    /// Mirroring to a shadow pool (SPEC TRAFFIC-4).
+    pub mirror: Option<crate::traffic::mirror::Mirror>,
+    /// Header transforms, CORS and compression (SPEC POLICY-5, POLICY-6).
+    pub filters: Option<crate::policy::Filters>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -216,6 +225,7 @@ pub struct Registries {
     pub acme: crate::acme::AcmeRegistry,
     pub metrics: Arc<crate::telemetry::Metrics>,
     pub policy: crate::policy::PolicyRegistry,
+    pub traffic: crate::traffic::TrafficRegistry,
 }
 
 fn compile_firewall(
@@ -429,7 +439,8 @@ fn compile_route(
         field,
         message,
     };
-    let action = if let Some(pool_name) = &route.pool {
+    let baseline = route.split.first().map(|target| &target.pool);
+    let action = if let Some(pool_name) = route.pool.as_ref().or(baseline) {
         let pool = pools
             .get(pool_name)
             .ok_or_else(|| invalid("pool", format!("unknown pool {pool_name:?}")))?;
@@ -484,8 +495,33 @@ fn compile_route(
     let policy = crate::policy::compile_route(index, &name, route, &registries.policy, metrics)?
         .map(Box::new);
     let metrics = metrics.route(&name, route.pool.as_deref().unwrap_or(""));
+    let path = format!("routes[{index}]");
+    let split = crate::traffic::Split::compile(&name, route, &path, pools, &registries.traffic)?;
+    let mirror = match &route.mirror {
+        Some(mirror) => {
+            let pool = pools
+                .get(&mirror.pool)
+                .ok_or_else(|| CompileError::UnknownPool {
+                    path: format!("{path}.mirror.pool"),
+                    pool: mirror.pool.clone(),
+                })?;
+            let state = registries
+                .traffic
+                .mirror(&name, &mirror.pool, mirror.max_in_flight);
+            Some(crate::traffic::mirror::Mirror::compile(
+                mirror,
+                pool.clone(),
+                state,
+            ))
+        }
+        None => None,
+    };
+    let filters = crate::policy::Filters::compile(route, &path)?;
     Ok(Route {
         policy,
+        split,
+        mirror,
+        filters,
         name,
         metrics,
         action,
@@ -558,6 +594,7 @@ impl Publisher {
             Err(err) => {
                 // Forget registry entries the rejected config created.
                 upstreams.retain(&self.current.load().config.pools);
+                self.registries.traffic.retain(&self.current.load().config);
                 return Err(err);
             }
         };
@@ -565,6 +602,7 @@ impl Publisher {
         install_certificates(&self.registries, &snapshot);
         self.current.store(snapshot.clone());
         upstreams.retain(&pools);
+        self.registries.traffic.retain(&snapshot.config);
         upstreams.start_checks(snapshot.pools.values());
         Ok(snapshot)
     }

@@ -389,6 +389,94 @@ pub struct Scrape {
     pub listeners: Vec<(String, Arc<crate::listener::ListenerStats>)>,
     pub firewall: Option<Arc<crate::firewall::FirewallStats>>,
     pub access_log_dropped: u64,
+    /// Split targets and mirrors (`traffic::TrafficRegistry::metric_rows`).
+    pub traffic: Vec<TrafficRow>,
+}
+
+/// One (route, pool) of a weighted split or a mirror, for the exposition.
+pub struct TrafficRow {
+    pub route: String,
+    pub pool: String,
+    pub kind: TrafficKind,
+}
+
+pub enum TrafficKind {
+    Split {
+        requests: u64,
+        errors: u64,
+        trips: u64,
+        braked: bool,
+    },
+    Mirror(crate::traffic::mirror::MirrorCounts),
+}
+
+/// Split, canary brake and mirror series (SPEC TRAFFIC-1..4).
+fn render_traffic(out: &mut String, rows: &[TrafficRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let families: [(&str, &str, &str); 5] = [
+        (
+            "gatehouse_split_requests_total",
+            "counter",
+            "Requests a weighted split sent to each pool.",
+        ),
+        (
+            "gatehouse_split_errors_total",
+            "counter",
+            "Split requests that failed (5xx or no upstream answer), by pool.",
+        ),
+        (
+            "gatehouse_canary_brake_trips_total",
+            "counter",
+            "Times the canary brake set a pool's weight to 0.",
+        ),
+        (
+            "gatehouse_canary_brake_engaged",
+            "gauge",
+            "1 while the canary brake holds the pool's weight at 0.",
+        ),
+        (
+            "gatehouse_mirror_requests_total",
+            "counter",
+            "Mirrored requests by outcome: sent, dropped (in-flight bound full), skipped_body (body not copyable), failed (shadow error or timeout).",
+        ),
+    ];
+    for (name, kind, help) in families {
+        family(out, name, kind, help);
+        for row in rows {
+            let labels = format!(
+                "route=\"{}\",pool=\"{}\"",
+                escape(&row.route),
+                escape(&row.pool)
+            );
+            match (&row.kind, name) {
+                (TrafficKind::Split { requests, .. }, "gatehouse_split_requests_total") => {
+                    let _ = writeln!(out, "{name}{{{labels}}} {requests}");
+                }
+                (TrafficKind::Split { errors, .. }, "gatehouse_split_errors_total") => {
+                    let _ = writeln!(out, "{name}{{{labels}}} {errors}");
+                }
+                (TrafficKind::Split { trips, .. }, "gatehouse_canary_brake_trips_total") => {
+                    let _ = writeln!(out, "{name}{{{labels}}} {trips}");
+                }
+                (TrafficKind::Split { braked, .. }, "gatehouse_canary_brake_engaged") => {
+                    let _ = writeln!(out, "{name}{{{labels}}} {}", u8::from(*braked));
+                }
+                (TrafficKind::Mirror(counts), "gatehouse_mirror_requests_total") => {
+                    for (outcome, value) in [
+                        ("sent", counts.sent),
+                        ("dropped", counts.dropped),
+                        ("skipped_body", counts.skipped_body),
+                        ("failed", counts.failed),
+                    ] {
+                        let _ = writeln!(out, "{name}{{{labels},outcome=\"{outcome}\"}} {value}");
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
 }
 
 impl Metrics {
@@ -494,6 +582,7 @@ impl Metrics {
         self.render_routes(&mut out);
         self.render_endpoints(&mut out);
         self.render_policy(&mut out);
+        render_traffic(&mut out, &scrape.traffic);
         out
     }
 
