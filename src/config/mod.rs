@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 pub use firewall::{FirewallConfig, FirewallMode, RateLimitConfig};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
 pub use resilience::{
-    CircuitBreakerConfig, ConcurrencyConfig, HashConfig, HashOn, HealthCheckConfig,
+    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HashConfig, HashOn, HealthCheckConfig,
     HealthCheckKind, HedgeConfig, OutlierConfig, PassiveHealthConfig, RetryBudgetConfig,
     RetryConfig, RetryOn,
 };
@@ -412,6 +412,13 @@ pub struct PoolConfig {
     /// change, pooled connections are retired. 0: resolve per new connection only.
     #[serde(default = "PoolConfig::default_dns_refresh")]
     pub dns_refresh: Dur,
+    /// At most this many requests in flight to one endpoint, and (HTTP/1.1) open
+    /// connections to it; 0: unlimited (SPEC UP-3, HAProxy's per-server `maxconn`).
+    #[serde(default)]
+    pub max_connections_per_endpoint: u32,
+    /// The wait when every endpoint is at `max_connections_per_endpoint`.
+    #[serde(default)]
+    pub connection_queue: ConnectionQueueConfig,
 }
 
 impl PoolConfig {

@@ -174,6 +174,25 @@ impl Default for ConcurrencyConfig {
     }
 }
 
+/// Where requests wait when every endpoint of a pool is at `max_connections_per_endpoint`
+/// (SPEC UP-3): HAProxy's backend queue with `timeout queue`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionQueueConfig {
+    /// Requests that may wait for an endpoint below its limit; beyond it they are refused.
+    pub max_queue: u32,
+    pub queue_timeout: Dur,
+}
+
+impl Default for ConnectionQueueConfig {
+    fn default() -> Self {
+        ConnectionQueueConfig {
+            max_queue: 100,
+            queue_timeout: Dur::secs(1),
+        }
+    }
+}
+
 /// What failures a retry may follow.
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq, Hash)]
 #[serde(rename_all = "snake_case")]

@@ -599,6 +599,25 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
             positive(limits.queue_timeout, format!("{at}.queue_timeout"), errors);
         }
     }
+    if pool.max_connections_per_endpoint > MAX_CONCURRENT {
+        errors.push(
+            format!("{path}.max_connections_per_endpoint"),
+            format!("must be at most {MAX_CONCURRENT}"),
+        );
+    }
+    if pool.connection_queue.max_queue > MAX_CONCURRENT {
+        errors.push(
+            format!("{path}.connection_queue.max_queue"),
+            format!("must be at most {MAX_CONCURRENT}"),
+        );
+    }
+    if pool.max_connections_per_endpoint > 0 && pool.connection_queue.max_queue > 0 {
+        positive(
+            pool.connection_queue.queue_timeout,
+            format!("{path}.connection_queue.queue_timeout"),
+            errors,
+        );
+    }
     percent(
         pool.retry_budget.percent,
         format!("{path}.retry_budget.percent"),

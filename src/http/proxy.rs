@@ -530,10 +530,10 @@ impl Proxy {
                 None => None,
             };
             let select_started = otlp::now_nanos();
-            let picked = pool.pick_for(&pick_context, &tried);
+            let picked = pool.reserve(&pick_context, &tried).await;
             if let Some(spans) = exchange.spans.as_mut() {
                 let mut attributes = vec![("gatehouse.pool", pool.name.to_string())];
-                if let Ok(picked) = &picked {
+                if let Ok((picked, _)) = &picked {
                     attributes.push(("gatehouse.endpoint", picked.endpoint.address.to_string()));
                 }
                 spans.child(
@@ -545,7 +545,10 @@ impl Proxy {
                     picked.is_err(),
                 );
             }
-            let picked = picked?;
+            if let Err(UpstreamError::AtLimit { .. }) = &picked {
+                flag(exchange, "endpoints_at_limit");
+            }
+            let (picked, reserved) = picked?;
             let attempt_started = otlp::now_nanos();
             if picked.panic {
                 flag(exchange, "panic");
@@ -570,8 +573,11 @@ impl Proxy {
                 host_raw: &host_raw,
                 per_try,
                 deadline,
+                replay: replay.as_ref(),
+                idempotent,
+                unsent: parking_lot::Mutex::new(None),
             };
-            let first = attempt.run(endpoint, body(&mut streamed));
+            let first = attempt.run(endpoint, reserved, body(&mut streamed));
             // Hedging (SPEC UP-8): a safe read whose first attempt is slow gets a second
             // one on another endpoint; the first good response head wins and the other
             // attempt is dropped, which closes its connection.
@@ -589,17 +595,17 @@ impl Proxy {
                     tokio::select! {
                         (result, in_flight, sent_at) = first.as_mut() => (result, endpoint, in_flight, sent_at),
                         () = tokio::time::sleep(hedge_delay(hedge, pool)) => {
-                            let second = pool.pick_for(&pick_context, &tried).ok().filter(|p| !tried.contains(&p.index));
+                            let second = pool.try_reserve(&pick_context, &tried).ok().filter(|(p, _)| !tried.contains(&p.index));
                             match second {
                                 None => {
                                     let (result, in_flight, sent_at) = first.await;
                                     (result, endpoint, in_flight, sent_at)
                                 }
-                                Some(second) => {
+                                Some((second, reserved)) => {
                                     tried.push(second.index);
                                     flag(exchange, "hedged");
                                     let other = second.endpoint;
-                                    let mut hedged = std::pin::pin!(attempt.run(other, body(&mut streamed)));
+                                    let mut hedged = std::pin::pin!(attempt.run(other, reserved, body(&mut streamed)));
                                     let good = |r: &Result<Response<Incoming>, ProxyError>| {
                                         r.as_ref().is_ok_and(|r| !r.status().is_server_error())
                                     };
@@ -635,6 +641,10 @@ impl Proxy {
             }
             let (_, condition) = classify(&result);
             report(pool, endpoint, &result, admission);
+            // A connect failure hands a streamed body back unread: it can go elsewhere.
+            if let Some(unsent) = attempt.unsent.lock().take() {
+                streamed = Some(unsent);
+            }
             if let Some(spans) = exchange.spans.as_mut() {
                 let mut attributes = vec![
                     ("gatehouse.pool", pool.name.to_string()),
@@ -667,9 +677,11 @@ impl Proxy {
             let retryable =
                 status_listed || condition.is_some_and(|condition| retry.on.contains(&condition));
             let safe = idempotent || condition == Some(RetryOn::ConnectFailure);
+            let replayable = replay.is_some()
+                || (condition == Some(RetryOn::ConnectFailure) && streamed.is_some());
             let may_retry = retryable
                 && safe
-                && replay.is_some()
+                && replayable
                 && (tried.len() as u32) <= retry.max_retries
                 && deadline.is_none_or(|deadline| Instant::now() < deadline);
             if !may_retry {
@@ -841,47 +853,46 @@ struct Attempt<'a> {
     host_raw: &'a Option<String>,
     per_try: Duration,
     deadline: Option<Instant>,
+    /// The kept body, when the request can be sent again.
+    replay: Option<&'a Bytes>,
+    /// Whether the request may be repeated (method, or the route's `non_idempotent`).
+    idempotent: bool,
+    /// A streamed body handed back unread because the connection never came up.
+    unsent: parking_lot::Mutex<Option<RequestBody>>,
 }
 
 impl Attempt<'_> {
     /// Sends the request to `endpoint` and waits for the response head under the per-try
-    /// wait and the deadline. The endpoint counts the request in flight until the returned
-    /// guard drops (with the response body, for the winning attempt).
+    /// wait and the deadline. `in_flight` counts the request at the endpoint until it drops
+    /// (with the response body, for the winning attempt).
     async fn run(
         &self,
         endpoint: &Endpoint,
+        in_flight: InFlight,
         body: RequestBody,
     ) -> (Result<Response<Incoming>, ProxyError>, InFlight, Instant) {
-        let in_flight = endpoint.state.start_request();
         endpoint.metrics.attempts.fetch_add(1, Ordering::Relaxed);
         let sent_at = Instant::now();
-        let request = upstream_request(
-            self.parts,
-            self.path_and_query,
-            self.route,
-            self.pool,
-            self.host_raw,
-            &endpoint.address,
-            body,
-        );
-        let (request, progress) = match request {
-            Ok(request) => request,
-            Err(err) => return (Err(err), in_flight, sent_at),
+        // A reused keep-alive connection that the backend closed just as the request went
+        // out fails before any response byte; a repeatable request then goes out once more
+        // on a fresh connection, as nginx and HAProxy do. Not a retry: the route's
+        // conditions and the retry budget are not involved.
+        let again = match self.idempotent {
+            true => self
+                .replay
+                .cloned()
+                .or_else(|| body.is_end_stream().then(Bytes::new)),
+            false => None,
         };
-        let result = response_head(
-            endpoint.connections.send(
-                request,
-                &self.pool.settings,
-                ClientAddrs {
-                    client: self.conn.peer,
-                    local: self.conn.local,
-                },
-            ),
-            &progress,
-            self.per_try,
-            self.deadline,
-        )
-        .await;
+        let mut result = self.send(endpoint, body, false).await;
+        if let (Err(ProxyError::Upstream(UpstreamError::Stale(_))), Some(again)) = (&result, again)
+        {
+            endpoint
+                .metrics
+                .stale_retries
+                .fetch_add(1, Ordering::Relaxed);
+            result = self.send(endpoint, RequestBody::replay(again), true).await;
+        }
         match &result {
             Ok(response) => {
                 endpoint.metrics.response.observe(sent_at.elapsed());
@@ -896,6 +907,44 @@ impl Attempt<'_> {
             }
         }
         (result, in_flight, sent_at)
+    }
+
+    async fn send(
+        &self,
+        endpoint: &Endpoint,
+        body: RequestBody,
+        fresh: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (request, progress) = upstream_request(
+            self.parts,
+            self.path_and_query,
+            self.route,
+            self.pool,
+            self.host_raw,
+            &endpoint.address,
+            body,
+        )?;
+        let send = async {
+            let sent = endpoint
+                .connections
+                .send_returning(
+                    request,
+                    &self.pool.settings,
+                    ClientAddrs {
+                        client: self.conn.peer,
+                        local: self.conn.local,
+                    },
+                    fresh,
+                )
+                .await;
+            sent.map_err(|failure| {
+                if let Some(request) = failure.unsent {
+                    *self.unsent.lock() = Some(request.into_body());
+                }
+                failure.error
+            })
+        };
+        response_head(send, &progress, self.per_try, self.deadline).await
     }
 }
 
@@ -941,7 +990,7 @@ fn classify(result: &Result<Response<Incoming>, ProxyError>) -> (Option<Outcome>
             | UpstreamError::Handshake { .. }
             | UpstreamError::Tls { .. },
         )) => (Some(Outcome::ConnectFailure), Some(RetryOn::ConnectFailure)),
-        Err(ProxyError::Upstream(UpstreamError::Request(_))) => {
+        Err(ProxyError::Upstream(UpstreamError::Request(_) | UpstreamError::Stale(_))) => {
             (Some(Outcome::Failure), Some(RetryOn::Reset))
         }
         Err(ProxyError::Upstream(UpstreamError::ResponseTimeout(_))) => {

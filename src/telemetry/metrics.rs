@@ -177,6 +177,9 @@ pub struct EndpointMetrics {
     endpoint: Arc<str>,
     pub attempts: AtomicU64,
     errors: [AtomicU64; 3],
+    /// Requests sent again on a fresh connection after a reused one failed before a
+    /// response (the backend closed it as the request arrived).
+    pub stale_retries: AtomicU64,
     /// From sending the request to its response head.
     pub response: Histogram,
     /// New connections: TCP connect plus PROXY header and TLS handshake.
@@ -192,6 +195,7 @@ impl EndpointMetrics {
             endpoint,
             attempts: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            stale_retries: AtomicU64::new(0),
             response: Histogram::default(),
             connect: Histogram::default(),
             idle: Mutex::new(std::sync::Weak::new()),
@@ -699,6 +703,19 @@ impl Metrics {
                     series.errors(kind)
                 );
             }
+        }
+        family(
+            out,
+            "gatehouse_upstream_stale_connection_retries_total",
+            "counter",
+            "Requests sent again on a fresh connection after a reused keep-alive connection failed before any response byte.",
+        );
+        for (series, labels) in endpoints.iter().zip(&labels) {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_stale_connection_retries_total{{{labels}}} {}",
+                series.stale_retries.load(Ordering::Relaxed)
+            );
         }
         family(
             out,

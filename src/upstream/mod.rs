@@ -22,10 +22,12 @@ use parking_lot::Mutex;
 use balancer::Balancer;
 pub use balancer::{hash64, HashRing, PickContext};
 pub use conn::{ClientAddrs, ConnSettings, Connections, Transport};
-pub use state::{Admission, BreakerState, EndpointState, InFlight, LimitError, Outcome, PoolState};
+pub use state::{
+    Admission, BreakerState, Capacity, EndpointState, InFlight, LimitError, Outcome, PoolState,
+};
 
 use crate::config::{
-    CircuitBreakerConfig, ConcurrencyConfig, HealthCheckConfig, OutlierConfig, PassiveHealthConfig,
+    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HealthCheckConfig, OutlierConfig, PassiveHealthConfig,
     PoolConfig, RetryBudgetConfig, UpstreamProtocol,
 };
 use crate::tls::{TlsError, UpstreamTlsConnector};
@@ -50,10 +52,16 @@ pub enum UpstreamError {
     Tls { address: Arc<str>, message: String },
     #[error("upstream request failed: {0}")]
     Request(#[source] hyper::Error),
+    /// A reused keep-alive connection failed before any response byte: the backend closed
+    /// it as the request arrived. Safe requests go out again on a fresh connection.
+    #[error("reused upstream connection closed before a response: {0}")]
+    Stale(#[source] hyper::Error),
     #[error("no response header within {0:?}")]
     ResponseTimeout(std::time::Duration),
     #[error("pool {0} has no endpoint")]
     NoEndpoint(Arc<str>),
+    #[error("every endpoint of pool {pool} is at its connection limit: {reason}")]
+    AtLimit { pool: Arc<str>, reason: LimitError },
 }
 
 pub struct Endpoint {
@@ -78,6 +86,9 @@ pub struct Resilience {
     pub panic_threshold: u32,
     /// How often endpoint host names are resolved again; `None`: per new connection only.
     pub dns_refresh: Option<Duration>,
+    /// Requests in flight per endpoint (and HTTP/1.1 connections); 0: unlimited.
+    pub max_per_endpoint: usize,
+    pub connection_queue: ConnectionQueueConfig,
 }
 
 pub struct Pool {
@@ -150,8 +161,11 @@ impl Pool {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let endpoints = &self.endpoints;
-        let in_rotation =
+        let cap = self.resilience.max_per_endpoint;
+        let has_room = |i: usize| cap == 0 || endpoints[i].state.in_flight() < cap;
+        let eligible =
             |i: usize| !endpoints[i].draining && (panic || endpoints[i].state.available(now));
+        let in_rotation = |i: usize| eligible(i) && has_room(i);
         let untried = |i: usize| in_rotation(i) && !tried.contains(&i);
         let index = if self.endpoints.len() == 1 {
             in_rotation(0).then_some(0)
@@ -163,7 +177,16 @@ impl Pool {
                 self.balancer.pick(endpoints, ctx, &in_rotation)
             }
         };
-        let index = index.ok_or_else(|| UpstreamError::NoEndpoint(self.name.clone()))?;
+        let index = index.ok_or_else(|| {
+            if cap > 0 && (0..endpoints.len()).any(eligible) {
+                UpstreamError::AtLimit {
+                    pool: self.name.clone(),
+                    reason: LimitError::QueueFull(0),
+                }
+            } else {
+                UpstreamError::NoEndpoint(self.name.clone())
+            }
+        })?;
         Ok(Picked {
             index,
             endpoint: &self.endpoints[index],
@@ -173,6 +196,77 @@ impl Pool {
 
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
+    }
+
+    /// Picks an endpoint and counts the request in flight there, within the endpoint's
+    /// connection limit; `AtLimit` when every candidate is at it.
+    pub fn try_reserve(
+        &self,
+        ctx: &PickContext<'_>,
+        tried: &[usize],
+    ) -> Result<(Picked<'_>, InFlight), UpstreamError> {
+        let cap = self.resilience.max_per_endpoint;
+        if cap == 0 {
+            let picked = self.pick_for(ctx, tried)?;
+            let in_flight = picked.endpoint.state.start_request();
+            return Ok((picked, in_flight));
+        }
+        // Another request may take the last slot between the pick and the count; pick again
+        // (a bounded number of times: each loss means some endpoint just filled up).
+        for _ in 0..=self.endpoints.len() {
+            let picked = self.pick_for(ctx, tried)?;
+            if let Some(in_flight) = picked.endpoint.state.try_start_request(cap) {
+                return Ok((picked, in_flight));
+            }
+        }
+        Err(UpstreamError::AtLimit {
+            pool: self.name.clone(),
+            reason: LimitError::QueueFull(0),
+        })
+    }
+
+    /// `try_reserve`, waiting in the pool's bounded connection queue while every endpoint is
+    /// at its connection limit (SPEC UP-3, HAProxy's `maxconn` + `timeout queue`).
+    pub async fn reserve(
+        &self,
+        ctx: &PickContext<'_>,
+        tried: &[usize],
+    ) -> Result<(Picked<'_>, InFlight), UpstreamError> {
+        match self.try_reserve(ctx, tried) {
+            Err(UpstreamError::AtLimit { .. }) => {}
+            other => return other,
+        }
+        let queue = &self.resilience.connection_queue;
+        let counters = &self.state.counters;
+        let full = |reason| {
+            counters
+                .connection_limit_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            UpstreamError::AtLimit {
+                pool: self.name.clone(),
+                reason,
+            }
+        };
+        let capacity = &self.state.capacity;
+        let Some(_queued) = capacity.enqueue(queue.max_queue) else {
+            return Err(full(LimitError::QueueFull(queue.max_queue)));
+        };
+        counters
+            .connection_queue_waits
+            .fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + queue.queue_timeout.0;
+        loop {
+            let freed = capacity.freed();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            match self.try_reserve(ctx, tried) {
+                Err(UpstreamError::AtLimit { .. }) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(full(LimitError::QueueTimeout(queue.queue_timeout.0)));
+            }
+        }
     }
 
     /// The pool's live state for the admin API's `/status`: breaker, counters, and per
@@ -210,6 +304,8 @@ impl Pool {
                 "retry_budget_exhausted": load(&counters.budget_exhausted),
                 "circuit_rejections": load(&counters.circuit_rejections),
                 "overload_rejections": load(&counters.overload_rejections),
+                "connection_queue_waits": load(&counters.connection_queue_waits),
+                "connection_limit_rejections": load(&counters.connection_limit_rejections),
                 "panic_picks": load(&counters.panic_picks),
             },
             "endpoints": endpoints,
@@ -319,6 +415,7 @@ impl UpstreamRegistry {
             None => None,
         };
         let transport_key = transport_key(config);
+        let state = self.pools.lock().entry(name.clone()).or_default().clone();
         let mut registry = self.endpoints.lock();
         let endpoints: Vec<Endpoint> = config
             .endpoints
@@ -344,7 +441,10 @@ impl UpstreamRegistry {
                     endpoint_metrics.set_connections(&connections);
                     Slot {
                         connections,
-                        state: Arc::new(EndpointState::new(address.clone())),
+                        state: Arc::new(EndpointState::in_pool(
+                            address.clone(),
+                            state.capacity.clone(),
+                        )),
                     }
                 });
                 let endpoint_metrics = metrics.endpoint(&name, &address);
@@ -359,7 +459,6 @@ impl UpstreamRegistry {
             })
             .collect();
         drop(registry);
-        let state = self.pools.lock().entry(name.clone()).or_default().clone();
         Ok(Pool {
             name,
             protocol: config.protocol,
@@ -370,6 +469,7 @@ impl UpstreamRegistry {
                 max_requests: (config.max_requests_per_connection > 0)
                     .then_some(config.max_requests_per_connection),
                 max_lifetime: config.max_connection_lifetime.non_zero(),
+                max_connections: config.max_connections_per_endpoint as usize,
             },
             resilience: Resilience {
                 health_check: config.health_check.clone(),
@@ -380,6 +480,8 @@ impl UpstreamRegistry {
                 budget: config.retry_budget.clone(),
                 panic_threshold: config.panic_threshold,
                 dns_refresh: config.dns_refresh.non_zero(),
+                max_per_endpoint: config.max_connections_per_endpoint as usize,
+                connection_queue: config.connection_queue.clone(),
             },
             state,
             balancer: Balancer::new(config.balancer, config.hash.as_ref(), &endpoints),

@@ -57,11 +57,27 @@ pub struct EndpointState {
     outcomes: Window,
     /// The running active checker and the settings it was started with.
     pub(super) checker: Mutex<Option<(HealthCheckConfig, tokio::task::AbortHandle)>>,
+    /// The pool's waiters for an endpoint below its connection limit, woken when a request
+    /// here finishes.
+    capacity: Arc<Capacity>,
+}
+
+/// Requests of one pool waiting for an endpoint below `max_connections_per_endpoint`.
+#[derive(Default)]
+pub struct Capacity {
+    freed: tokio::sync::Notify,
+    waiting: AtomicU32,
 }
 
 impl EndpointState {
     pub fn new(address: Arc<str>) -> EndpointState {
+        EndpointState::in_pool(address, Arc::default())
+    }
+
+    /// An endpoint whose finished requests wake the pool's `capacity` waiters.
+    pub fn in_pool(address: Arc<str>, capacity: Arc<Capacity>) -> EndpointState {
         EndpointState {
+            capacity,
             address,
             active_healthy: AtomicBool::new(true),
             passive_until: AtomicU64::new(0),
@@ -102,6 +118,18 @@ impl EndpointState {
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Like `start_request`, unless `cap` requests are in flight already (per-endpoint
+    /// connection limit): the check and the count are one atomic step, so concurrent
+    /// requests can never overshoot the cap.
+    pub fn try_start_request(self: &Arc<Self>, cap: usize) -> Option<InFlight> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now < cap).then_some(now + 1)
+            })
+            .ok()
+            .map(|_| InFlight(self.clone()))
     }
 
     /// Passive health: returns the ejection period when this failure ejected the endpoint.
@@ -195,7 +223,38 @@ pub struct InFlight(Arc<EndpointState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // One load when nobody waits: pools without connection limits never have waiters.
+        if self.0.capacity.waiting.load(Ordering::Acquire) > 0 {
+            self.0.capacity.freed.notify_waiters();
+        }
+    }
+}
+
+impl Capacity {
+    /// Joins the queue of requests waiting for capacity, unless `max_queue` already wait.
+    pub fn enqueue(self: &Arc<Self>, max_queue: u32) -> Option<Queued> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now < max_queue).then_some(now + 1)
+            })
+            .ok()
+            .map(|_| Queued(self.clone()))
+    }
+
+    /// Resolves when a request at one of the pool's endpoints finishes. Create it (and
+    /// `enable` it) before checking for capacity, so a finish in between is not missed.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+}
+
+/// A request counted as waiting for capacity until dropped.
+pub struct Queued(Arc<Capacity>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -207,6 +266,10 @@ pub struct PoolCounters {
     pub budget_exhausted: AtomicU64,
     pub circuit_rejections: AtomicU64,
     pub overload_rejections: AtomicU64,
+    /// Requests that waited for an endpoint below its connection limit.
+    pub connection_queue_waits: AtomicU64,
+    /// Requests refused because every endpoint stayed at its connection limit.
+    pub connection_limit_rejections: AtomicU64,
 }
 
 /// State of one pool that survives reloads.
@@ -221,6 +284,8 @@ pub struct PoolState {
     pub panicking: AtomicBool,
     /// Recent response-head latencies, for percentile hedge delays.
     pub latencies: LatencyRing,
+    /// Requests waiting for an endpoint below `max_connections_per_endpoint`.
+    pub capacity: Arc<Capacity>,
 }
 
 /// The last `LATENCY_SAMPLES` response-head latencies of a pool, in microseconds, in a ring
