@@ -148,6 +148,7 @@ impl Gateway {
             listeners: self.listeners.lock().all_stats(),
             firewall: Some(self.firewall_stats()),
             access_log_dropped: self.proxy.access_log.dropped(),
+            pools: self.publisher.load().pools.values().cloned().collect(),
         };
         self.metrics().render(&scrape)
     }

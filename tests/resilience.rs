@@ -1161,9 +1161,10 @@ async fn every_endpoint_at_its_limit_answers_503_with_retry_after() {
         let url = url.clone();
         async move { get(&client, &url).await }
     });
-    eventually("the first request holds the endpoint's only slot", || async {
-        backend.counters().in_flight.load(Ordering::SeqCst) == 1
-    })
+    eventually(
+        "the first request holds the endpoint's only slot",
+        || async { backend.counters().in_flight.load(Ordering::SeqCst) == 1 },
+    )
     .await;
     // Two more at once: one waits in the queue (and times out), the other finds it full.
     let started = Instant::now();
@@ -1175,7 +1176,11 @@ async fn every_endpoint_at_its_limit_answers_503_with_retry_after() {
             answer.headers.get("retry-after").map(|v| v.as_bytes()),
             Some(&b"1"[..])
         );
-        assert!(answer.body.contains("endpoints_at_limit"), "{}", answer.body);
+        assert!(
+            answer.body.contains("endpoints_at_limit"),
+            "{}",
+            answer.body
+        );
     }
     assert!(
         waited >= Duration::from_millis(180) && waited < Duration::from_millis(1800),

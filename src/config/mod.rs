@@ -19,9 +19,9 @@ use serde::{Deserialize, Serialize};
 pub use firewall::{FirewallConfig, FirewallMode, RateLimitConfig};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
 pub use resilience::{
-    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HashConfig, HashOn, HealthCheckConfig,
-    HealthCheckKind, HedgeConfig, OutlierConfig, PassiveHealthConfig, RetryBudgetConfig,
-    RetryConfig, RetryOn,
+    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HashConfig, HashOn,
+    HealthCheckConfig, HealthCheckKind, HedgeConfig, OutlierConfig, PassiveHealthConfig,
+    RetryBudgetConfig, RetryConfig, RetryOn,
 };
 pub use tls::{
     AcmeCertificate, AcmeChallenge, AcmeConfig, CertificateConfig, ClientAuthConfig,

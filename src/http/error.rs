@@ -79,9 +79,9 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::Upstream(
-                UpstreamError::NoEndpoint(_) | UpstreamError::AtLimit { .. },
-            ) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(UpstreamError::NoEndpoint(_) | UpstreamError::AtLimit { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE

@@ -461,7 +461,12 @@ impl Proxy {
 
         // Overload protection first: a queued request holds nothing else yet.
         let slot = match &pool.resilience.concurrency {
-            Some(limits) => match pool.state.limiter(limits).acquire().await {
+            Some(limits) => match pool
+                .state
+                .limiter(limits)
+                .acquire(&pool.state.counters)
+                .await
+            {
                 Ok(permit) => Some(permit),
                 Err(reason) => {
                     pool.state
@@ -603,6 +608,7 @@ impl Proxy {
                                 }
                                 Some((second, reserved)) => {
                                     tried.push(second.index);
+                                    route.metrics.hedges_sent.fetch_add(1, Ordering::Relaxed);
                                     flag(exchange, "hedged");
                                     let other = second.endpoint;
                                     let mut hedged = std::pin::pin!(attempt.run(other, reserved, body(&mut streamed)));
@@ -616,11 +622,13 @@ impl Proxy {
                                             } else {
                                                 report(pool, endpoint, &result, None);
                                                 let (result, in_flight, sent_at) = hedged.await;
+                                                route.metrics.hedges_won.fetch_add(1, Ordering::Relaxed);
                                                 (result, other, in_flight, sent_at)
                                             }
                                         }
                                         (result, in_flight, sent_at) = hedged.as_mut() => {
                                             if good(&result) {
+                                                route.metrics.hedges_won.fetch_add(1, Ordering::Relaxed);
                                                 (result, other, in_flight, sent_at)
                                             } else {
                                                 report(pool, other, &result, None);
@@ -691,6 +699,10 @@ impl Proxy {
                 }
             }
             if !pool.state.budget_retry(&pool.resilience.budget) {
+                route
+                    .metrics
+                    .budget_exhausted
+                    .fetch_add(1, Ordering::Relaxed);
                 flag(exchange, "retry_budget_exhausted");
                 tracing::debug!(pool = %pool.name, "retry budget exhausted");
                 match result {
@@ -698,6 +710,12 @@ impl Proxy {
                     Err(err) => return Err(err),
                 }
             }
+            let reason = if status_listed {
+                RetryOn::RetriableStatus
+            } else {
+                condition.unwrap_or(RetryOn::ServerError)
+            };
+            route.metrics.retries[metrics::retry_reason(reason)].fetch_add(1, Ordering::Relaxed);
             flag(exchange, "retried");
             // The failed attempt's response (a 5xx head) is dropped unread: nothing of it has
             // reached the client, and its connection closes instead of returning to the pool.

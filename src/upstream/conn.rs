@@ -393,12 +393,7 @@ impl Connections {
                     found.map(|index| pool.parked.swap_remove(index))
                 };
                 let Some(mut busy) = busy else {
-                    return slots
-                        .clone()
-                        .acquire_owned()
-                        .await
-                        .map(Freed::Permit)
-                        .ok();
+                    return slots.clone().acquire_owned().await.map(Freed::Permit).ok();
                 };
                 tokio::select! {
                     ready = busy.sender.ready() => {

@@ -27,8 +27,8 @@ pub use state::{
 };
 
 use crate::config::{
-    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HealthCheckConfig, OutlierConfig, PassiveHealthConfig,
-    PoolConfig, RetryBudgetConfig, UpstreamProtocol,
+    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HealthCheckConfig,
+    OutlierConfig, PassiveHealthConfig, PoolConfig, RetryBudgetConfig, UpstreamProtocol,
 };
 use crate::tls::{TlsError, UpstreamTlsConnector};
 
@@ -149,6 +149,10 @@ impl Pool {
         }
         if panic != self.state.panicking.swap(panic, Ordering::Relaxed) {
             if panic {
+                self.state
+                    .counters
+                    .panic_events
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pool = %self.name, available, serving, "panic mode: too few endpoints available; balancing over all of them");
             } else {
                 tracing::info!(pool = %self.name, available, serving, "panic mode over");
@@ -269,6 +273,32 @@ impl Pool {
         }
     }
 
+    /// The breaker's state for metrics: 0 closed, 1 open, 2 half-open (an open breaker
+    /// whose `open_for` has passed admits probes at its next request); `None` without one.
+    pub fn breaker_code(&self) -> Option<u8> {
+        self.resilience.breaker.as_ref()?;
+        let now = state::now_ms();
+        Some(match self.state.breaker.lock().state {
+            BreakerState::Closed => 0,
+            BreakerState::Open { until } if until > now => 1,
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => 2,
+        })
+    }
+
+    /// Why an endpoint is or is not in rotation: `healthy` (in rotation), `draining`,
+    /// `unhealthy` (failing active checks) or `ejected` (passive or outlier).
+    pub fn endpoint_condition(endpoint: &Endpoint, now: u64) -> &'static str {
+        if endpoint.draining {
+            "draining"
+        } else if !endpoint.state.active_healthy() {
+            "unhealthy"
+        } else if !endpoint.state.available(now) {
+            "ejected"
+        } else {
+            "healthy"
+        }
+    }
+
     /// The pool's live state for the admin API's `/status`: breaker, counters, and per
     /// endpoint whether it is in rotation and why not.
     pub fn status(&self) -> serde_json::Value {
@@ -322,6 +352,9 @@ impl Pool {
                     passive.consecutive_failures,
                     passive.ejection_time.0,
                 ) {
+                    endpoint
+                        .metrics
+                        .ejected(crate::telemetry::metrics::Ejection::Passive);
                     tracing::warn!(pool = %self.name, endpoint = %endpoint.address, ejection_ms = period.as_millis() as u64, "endpoint ejected: consecutive connect failures");
                 }
             }
@@ -361,6 +394,9 @@ impl Pool {
             outlier.max_ejection_time.0,
             may_eject,
         ) {
+            endpoint
+                .metrics
+                .ejected(crate::telemetry::metrics::Ejection::Outlier);
             tracing::warn!(pool = %self.name, endpoint = %endpoint.address, ejection_ms = period.as_millis() as u64, "endpoint ejected: outlier (consecutive failures or failure rate)");
         }
     }

@@ -266,6 +266,12 @@ pub struct PoolCounters {
     pub budget_exhausted: AtomicU64,
     pub circuit_rejections: AtomicU64,
     pub overload_rejections: AtomicU64,
+    /// Requests that waited in the `concurrency` queue, and those it refused.
+    pub overload_queue_waits: AtomicU64,
+    pub overload_queue_full: AtomicU64,
+    pub overload_queue_timeouts: AtomicU64,
+    /// Times the pool entered panic mode.
+    pub panic_events: AtomicU64,
     /// Requests that waited for an endpoint below its connection limit.
     pub connection_queue_waits: AtomicU64,
     /// Requests refused because every endpoint stayed at its connection limit.
@@ -601,21 +607,35 @@ impl Limiter {
         }
     }
 
-    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, LimitError> {
+    /// Takes a slot, waiting in the queue when none is free; waits and refusals are
+    /// counted in `counters`.
+    pub async fn acquire(
+        &self,
+        counters: &PoolCounters,
+    ) -> Result<OwnedSemaphorePermit, LimitError> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            counters.overload_queue_full.fetch_add(1, Ordering::Relaxed);
             return Err(LimitError::QueueFull(self.max_queue));
         }
+        counters
+            .overload_queue_waits
+            .fetch_add(1, Ordering::Relaxed);
         let waited =
             tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
         self.queued.fetch_sub(1, Ordering::AcqRel);
         match waited {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; treat it like a timeout all the same.
-            Ok(Err(_)) | Err(_) => Err(LimitError::QueueTimeout(self.queue_timeout)),
+            Ok(Err(_)) | Err(_) => {
+                counters
+                    .overload_queue_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(LimitError::QueueTimeout(self.queue_timeout))
+            }
         }
     }
 }
