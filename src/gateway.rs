@@ -141,6 +141,7 @@ impl Gateway {
 
     /// The Prometheus exposition; `config_version` is the stored version running.
     pub fn render_metrics(&self, config_version: u64) -> String {
+        let snapshot = self.publisher.load();
         let scrape = crate::telemetry::Scrape {
             config_version,
             snapshot_version: self.version(),
@@ -148,7 +149,22 @@ impl Gateway {
             listeners: self.listeners.lock().all_stats(),
             firewall: Some(self.firewall_stats()),
             access_log_dropped: self.proxy.access_log.dropped(),
-            pools: self.publisher.load().pools.values().cloned().collect(),
+            pools: snapshot.pools.values().cloned().collect(),
+            route_breakers: snapshot
+                .routes
+                .iter()
+                .filter_map(|route| {
+                    let breaker = route.breaker.as_ref()?;
+                    let crate::snapshot::Action::Forward(pool) = &route.action else {
+                        return None;
+                    };
+                    Some((
+                        route.name.clone(),
+                        pool.name.clone(),
+                        breaker.state.lock().code(),
+                    ))
+                })
+                .collect(),
         };
         self.metrics().render(&scrape)
     }

@@ -468,7 +468,11 @@ path_prefix = "/broken"
         value(
             &scrape,
             "gatehouse_upstream_ejections_total",
-            &[("pool", "app"), ("endpoint", &dead_addr), ("kind", "passive")]
+            &[
+                ("pool", "app"),
+                ("endpoint", &dead_addr),
+                ("kind", "passive")
+            ]
         ),
         1.0
     );
@@ -476,7 +480,11 @@ path_prefix = "/broken"
         value(
             &scrape,
             "gatehouse_upstream_retries_total",
-            &[("route", "r"), ("pool", "app"), ("reason", "connect_failure")]
+            &[
+                ("route", "r"),
+                ("pool", "app"),
+                ("reason", "connect_failure")
+            ]
         ),
         1.0
     );

@@ -1260,3 +1260,77 @@ async fn a_streamed_post_goes_to_another_endpoint_after_a_connect_failure() {
     let line = gateway.wait_access_log(|line| line["attempts"] == 2);
     assert_eq!(line["status"], 200);
 }
+
+// ---- per-route × pool breakers ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_own_breaker_opens_without_blocking_another_route_to_the_pool() {
+    let backend = FaultBackend::start("b").await;
+    backend.set(Fault::Status(500));
+    let routes = "[[routes]]\nname = \"guarded\"\npool = \"app\"\ncircuit_breaker = { error_percent = 50, min_requests = 2, open_for = \"60s\" }\n[routes.match]\npath_prefix = \"/guarded\"\n\n[[routes]]\nname = \"open\"\npool = \"app\"\n[routes.match]\npath_prefix = \"/open\"\n";
+    // The pool has a breaker too, with a threshold this test never reaches: the route's
+    // breaker replaces it for its own traffic.
+    let config = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        config(
+            &[&backend],
+            "circuit_breaker = { error_percent = 50, min_requests = 1000 }",
+            routes,
+        )
+    );
+    let gateway = Gateway::start(&config);
+    let client = client();
+    let guarded = gateway.url("public", "/guarded");
+    let open = gateway.url("public", "/open");
+    for _ in 0..2 {
+        assert_eq!(get(&client, &guarded).await.status, 500);
+    }
+    let refused = get(&client, &guarded).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused
+            .headers
+            .get("x-gatehouse-circuit")
+            .map(|v| v.as_bytes()),
+        Some(&b"open"[..])
+    );
+    assert_eq!(
+        backend.requests(),
+        2,
+        "the open breaker kept the backend out"
+    );
+    // The other route to the same pool is unaffected: it reaches the backend.
+    backend.set(Fault::Ok);
+    for _ in 0..5 {
+        assert_eq!(get(&client, &open).await.status, 200);
+    }
+    assert_eq!(backend.requests(), 7);
+    // The route's breaker state survives a reload that keeps the route and pool (with
+    // another route added, so a new snapshot is compiled).
+    let reloaded = format!(
+        "{config}\n[[routes]]\nmatch = {{ path = \"/other\" }}\ndirect_response = {{ body = \"x\" }}\n"
+    );
+    assert!(gateway.reload_with(&reloaded).contains("reload succeeded"));
+    assert_eq!(
+        get(&client, &gateway.url("public", "/other")).await.status,
+        200
+    );
+    assert_eq!(get(&client, &guarded).await.status, 503);
+    assert_eq!(get(&client, &open).await.status, 200);
+    assert_eq!(backend.requests(), 8);
+    let metrics = client
+        .get(format!("http://{}/metrics", gateway.addr("admin")))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(
+            "gatehouse_upstream_route_circuit_breaker_state{route=\"guarded\",pool=\"app\"} 1\n"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gatehouse_upstream_circuit_breaker_state{pool=\"app\"} 0\n"));
+}

@@ -569,6 +569,9 @@ pub struct RouteConfig {
     /// External authorization (SPEC POLICY-4).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ext_authz: Option<policy::ExtAuthzConfig>,
+    /// A breaker for this route's traffic to its pool, instead of the pool's (SPEC UP-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
 }
 
 impl RouteConfig {

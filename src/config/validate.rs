@@ -567,19 +567,7 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
         );
     }
     if let Some(breaker) = &pool.circuit_breaker {
-        let at = format!("{path}.circuit_breaker");
-        if breaker.error_percent == 0 {
-            errors.push(format!("{at}.error_percent"), "must be between 1 and 100");
-        }
-        percent(breaker.error_percent, format!("{at}.error_percent"), errors);
-        if breaker.min_requests == 0 {
-            errors.push(format!("{at}.min_requests"), "must be at least 1");
-        }
-        positive(breaker.window, format!("{at}.window"), errors);
-        positive(breaker.open_for, format!("{at}.open_for"), errors);
-        if breaker.half_open_probes == 0 {
-            errors.push(format!("{at}.half_open_probes"), "must be at least 1");
-        }
+        validate_breaker(breaker, &format!("{path}.circuit_breaker"), errors);
     }
     if let Some(limits) = &pool.concurrency {
         let at = format!("{path}.concurrency");
@@ -630,6 +618,21 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
     );
 }
 
+fn validate_breaker(breaker: &crate::config::CircuitBreakerConfig, at: &str, errors: &mut Errors) {
+    if breaker.error_percent == 0 {
+        errors.push(format!("{at}.error_percent"), "must be between 1 and 100");
+    }
+    percent(breaker.error_percent, format!("{at}.error_percent"), errors);
+    if breaker.min_requests == 0 {
+        errors.push(format!("{at}.min_requests"), "must be at least 1");
+    }
+    positive(breaker.window, format!("{at}.window"), errors);
+    positive(breaker.open_for, format!("{at}.open_for"), errors);
+    if breaker.half_open_probes == 0 {
+        errors.push(format!("{at}.half_open_probes"), "must be at least 1");
+    }
+}
+
 fn validate_retry(retry: &RetryConfig, path: &str, errors: &mut Errors) {
     let at = format!("{path}.retry");
     if retry.max_retries > MAX_RETRIES {
@@ -659,6 +662,16 @@ fn validate_retry(retry: &RetryConfig, path: &str, errors: &mut Errors) {
 
 fn validate_route(route: &RouteConfig, path: &str, pools: &HashSet<&str>, errors: &mut Errors) {
     validate_retry(&route.retry, path, errors);
+    if let Some(breaker) = &route.circuit_breaker {
+        let at = format!("{path}.circuit_breaker");
+        validate_breaker(breaker, &at, errors);
+        if route.pool.is_none() {
+            errors.push(
+                at,
+                "only routes that forward to a pool have a circuit breaker",
+            );
+        }
+    }
     if let Some(hedge) = &route.hedge {
         positive(hedge.delay, format!("{path}.hedge.delay"), errors);
         if hedge.percentile.is_some_and(|p| !(1..=99).contains(&p)) {

@@ -515,11 +515,24 @@ impl Proxy {
             .map_or(route.timeouts.response_header, |t| {
                 t.min(route.timeouts.response_header)
             });
+        // The route's own breaker for this pool when it has one, else the pool's.
+        let breaker = match &route.breaker {
+            Some(own) => Some(Breaker {
+                config: &own.config,
+                state: &own.state,
+                route: Some(&route.name),
+            }),
+            None => pool.resilience.breaker.as_ref().map(|config| Breaker {
+                config,
+                state: &pool.state.breaker,
+                route: None,
+            }),
+        };
         let mut tried: Vec<usize> = Vec::new();
         let (response, endpoint, in_flight, sent_at) = loop {
-            let admission = match &pool.resilience.breaker {
-                Some(config) => match pool.state.breaker.lock().admit(config) {
-                    Ok(admission) => Some(admission),
+            let admission = match &breaker {
+                Some(breaker) => match breaker.state.lock().admit(breaker.config) {
+                    Ok(admission) => Some((admission, breaker)),
                     Err(retry_after) => {
                         pool.state
                             .counters
@@ -846,19 +859,31 @@ fn report(
     pool: &Pool,
     endpoint: &Endpoint,
     result: &Result<Response<Incoming>, ProxyError>,
-    admission: Option<Admission>,
+    admission: Option<(Admission, &Breaker<'_>)>,
 ) {
     let (outcome, _) = classify(result);
     if let Some(outcome) = outcome {
         pool.report(endpoint, outcome);
     }
-    if let (Some(config), Some(admission)) = (&pool.resilience.breaker, admission) {
+    if let Some((admission, breaker)) = admission {
         let failed = outcome.is_some_and(|outcome| outcome != Outcome::Success);
-        let changed = pool.state.breaker.lock().record(config, admission, failed);
+        let changed = breaker
+            .state
+            .lock()
+            .record(breaker.config, admission, failed);
         if let Some(state) = changed {
-            tracing::warn!(pool = %pool.name, state = ?state, "circuit breaker changed state");
+            let route = breaker.route.map_or("", |route| &**route);
+            tracing::warn!(pool = %pool.name, route, state = ?state, "circuit breaker changed state");
         }
     }
+}
+
+/// The circuit breaker a request goes through: the route's own or its pool's.
+struct Breaker<'a> {
+    config: &'a crate::config::CircuitBreakerConfig,
+    state: &'a parking_lot::Mutex<crate::upstream::state::Breaker>,
+    /// Set for a route's own breaker (for the log).
+    route: Option<&'a Arc<str>>,
 }
 
 /// Everything one upstream attempt needs besides its endpoint and body.

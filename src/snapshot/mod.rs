@@ -99,6 +99,8 @@ pub struct Route {
     pub hedge: Option<crate::config::HedgeConfig>,
     /// Request policies (SPEC POLICY-1..4); none when the route uses none.
     pub policy: Option<Box<crate::policy::RouteFilters>>,
+    /// The route's own breaker for its pool, overriding the pool's (`routes[].circuit_breaker`).
+    pub breaker: Option<crate::upstream::RouteBreaker>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -484,8 +486,17 @@ fn compile_route(
     let policy = crate::policy::compile_route(index, &name, route, &registries.policy, metrics)?
         .map(Box::new);
     let metrics = metrics.route(&name, route.pool.as_deref().unwrap_or(""));
+    let breaker = match (&route.circuit_breaker, &action) {
+        (Some(config), Action::Forward(pool)) => Some(
+            registries
+                .upstreams
+                .route_breaker(&name, &pool.name, config),
+        ),
+        _ => None,
+    };
     Ok(Route {
         policy,
+        breaker,
         name,
         metrics,
         action,
@@ -557,7 +568,9 @@ impl Publisher {
             Ok(snapshot) => Arc::new(snapshot),
             Err(err) => {
                 // Forget registry entries the rejected config created.
-                upstreams.retain(&self.current.load().config.pools);
+                let current = self.current.load();
+                upstreams.retain(&current.config.pools);
+                upstreams.retain_route_breakers(&current.config.routes);
                 return Err(err);
             }
         };
@@ -565,6 +578,7 @@ impl Publisher {
         install_certificates(&self.registries, &snapshot);
         self.current.store(snapshot.clone());
         upstreams.retain(&pools);
+        upstreams.retain_route_breakers(&snapshot.config.routes);
         upstreams.start_checks(snapshot.pools.values());
         Ok(snapshot)
     }

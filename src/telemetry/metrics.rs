@@ -448,6 +448,9 @@ pub struct Scrape {
     pub access_log_dropped: u64,
     /// The running snapshot's pools, for their live resilience state.
     pub pools: Vec<Arc<crate::upstream::Pool>>,
+    /// Routes with their own circuit breaker: (route, pool, state code as in
+    /// `Breaker::code`).
+    pub route_breakers: Vec<(Arc<str>, Arc<str>, u8)>,
 }
 
 impl Metrics {
@@ -554,6 +557,21 @@ impl Metrics {
         self.render_endpoints(&mut out);
         self.render_policy(&mut out);
         self.render_pools(&mut out, &scrape.pools);
+        family(
+            &mut out,
+            "gatehouse_upstream_route_circuit_breaker_state",
+            "gauge",
+            "State of routes' own circuit breakers (routes[].circuit_breaker): 0 closed, 1 open, 2 half-open.",
+        );
+        let cap = self.max_routes.load(Ordering::Relaxed);
+        for (route, pool, code) in scrape.route_breakers.iter().take(cap) {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_route_circuit_breaker_state{{route=\"{}\",pool=\"{}\"}} {code}",
+                escape(route),
+                escape(pool)
+            );
+        }
         out
     }
 

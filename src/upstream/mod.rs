@@ -277,12 +277,7 @@ impl Pool {
     /// whose `open_for` has passed admits probes at its next request); `None` without one.
     pub fn breaker_code(&self) -> Option<u8> {
         self.resilience.breaker.as_ref()?;
-        let now = state::now_ms();
-        Some(match self.state.breaker.lock().state {
-            BreakerState::Closed => 0,
-            BreakerState::Open { until } if until > now => 1,
-            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => 2,
-        })
+        Some(self.state.breaker.lock().code())
     }
 
     /// Why an endpoint is or is not in rotation: `healthy` (in rotation), `draining`,
@@ -419,11 +414,20 @@ struct Slot {
     state: Arc<EndpointState>,
 }
 
+/// A route's own circuit breaker for its pool (`routes[].circuit_breaker`): the settings
+/// of this snapshot, the state kept in the registry by (route, pool).
+pub struct RouteBreaker {
+    pub config: CircuitBreakerConfig,
+    pub state: Arc<Mutex<state::Breaker>>,
+}
+
 /// Long-lived per-endpoint and per-pool state, shared by every snapshot that names it.
 #[derive(Default)]
 pub struct UpstreamRegistry {
     endpoints: Mutex<HashMap<EndpointKey, Slot>>,
     pools: Mutex<HashMap<Arc<str>, Arc<PoolState>>>,
+    /// Per-route breakers by (route name, pool name) (SPEC UP-6 "per route × pool").
+    route_breakers: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<Mutex<state::Breaker>>>>,
 }
 
 impl UpstreamRegistry {
@@ -523,6 +527,44 @@ impl UpstreamRegistry {
             balancer: Balancer::new(config.balancer, config.hash.as_ref(), &endpoints),
             endpoints,
         })
+    }
+
+    /// The breaker of `route`'s traffic to `pool`, kept across snapshots.
+    pub fn route_breaker(
+        &self,
+        route: &Arc<str>,
+        pool: &Arc<str>,
+        config: &CircuitBreakerConfig,
+    ) -> RouteBreaker {
+        let state = self
+            .route_breakers
+            .lock()
+            .entry((route.clone(), pool.clone()))
+            .or_default()
+            .clone();
+        RouteBreaker {
+            config: config.clone(),
+            state,
+        }
+    }
+
+    /// Drops route breakers no route in `routes` has any more.
+    pub fn retain_route_breakers(&self, routes: &[crate::config::RouteConfig]) {
+        let live: HashSet<(String, &str)> = routes
+            .iter()
+            .enumerate()
+            .filter(|(_, route)| route.circuit_breaker.is_some())
+            .filter_map(|(index, route)| {
+                let name = route
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("route{index}"));
+                route.pool.as_deref().map(|pool| (name, pool))
+            })
+            .collect();
+        self.route_breakers
+            .lock()
+            .retain(|(route, pool), _| live.contains(&(route.to_string(), &**pool)));
     }
 
     /// Starts, restarts or stops the active health checks of a snapshot gone live.

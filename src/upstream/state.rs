@@ -475,6 +475,16 @@ impl Default for Breaker {
 }
 
 impl Breaker {
+    /// The state for metrics: 0 closed, 1 open, 2 half-open (an open breaker past its
+    /// `open_for` admits probes at its next request).
+    pub fn code(&self) -> u8 {
+        match self.state {
+            BreakerState::Closed => 0,
+            BreakerState::Open { until } if until > now_ms() => 1,
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => 2,
+        }
+    }
+
     /// Admits a request, or returns how long the breaker stays open.
     pub fn admit(&mut self, config: &CircuitBreakerConfig) -> Result<Admission, Duration> {
         let now = now_ms();
