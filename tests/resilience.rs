@@ -1334,3 +1334,66 @@ async fn a_routes_own_breaker_opens_without_blocking_another_route_to_the_pool()
     );
     assert!(metrics.contains("gatehouse_upstream_circuit_breaker_state{pool=\"app\"} 0\n"));
 }
+
+// ---- latency outliers (SPEC UP-5) -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_is_ejected_as_a_latency_outlier_within_max_ejection_percent() {
+    let mut backends = Vec::new();
+    for name in ["f1", "f2", "f3", "s1", "s2"] {
+        backends.push(FaultBackend::start(name).await);
+    }
+    for slow in &backends[3..] {
+        slow.set(Fault::Latency(Duration::from_millis(100)));
+    }
+    let refs: Vec<&FaultBackend> = backends.iter().collect();
+    // Two slow endpoints of five, but at most 20 % (one) may be ejected at once.
+    let gateway = Gateway::start(&config(
+        &refs,
+        "outlier_detection = { consecutive_5xx = 0, latency_percent = 300, latency_min_requests = 3, interval = \"60s\", max_ejection_percent = 20, base_ejection_time = \"60s\" }",
+        "",
+    ));
+    let client = client();
+    let url = gateway.url("public", "/");
+    let latency_ejections = || -> Vec<String> {
+        gateway
+            .stderr
+            .snapshot()
+            .into_iter()
+            .filter(|line| line.contains("endpoint ejected: latency outlier"))
+            .collect()
+    };
+    // Round robin: after three rounds every endpoint has three responses to judge.
+    tally(&client, &url, 25).await;
+    eventually("a latency ejection is logged", || async {
+        !latency_ejections().is_empty()
+    })
+    .await;
+    let ejected: Vec<&FaultBackend> = backends[3..]
+        .iter()
+        .filter(|slow| {
+            latency_ejections()
+                .iter()
+                .any(|line| line.contains(&slow.addr.to_string()))
+        })
+        .collect();
+    assert_eq!(ejected.len(), 1, "{:?}", latency_ejections());
+    let out = ejected[0];
+    let before = out.requests();
+    let counts = tally(&client, &url, 20).await;
+    assert_eq!(
+        out.requests(),
+        before,
+        "the ejected endpoint got traffic: {counts:?}"
+    );
+    // The other slow endpoint stays in rotation: ejecting it too would exceed 20 %.
+    assert_eq!(latency_ejections().len(), 1, "{:?}", latency_ejections());
+    assert_eq!(counts.values().sum::<usize>(), 20);
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    // No fast endpoint was ever ejected.
+    for fast in &backends[..3] {
+        assert!(!latency_ejections()
+            .iter()
+            .any(|line| line.contains(&fast.addr.to_string())));
+    }
+}

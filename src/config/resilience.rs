@@ -107,8 +107,13 @@ pub struct OutlierConfig {
     pub failure_percent: u32,
     /// The failure-rate detector judges an endpoint only with this many attempts.
     pub failure_min_requests: u32,
-    /// The failure-rate window.
+    /// The failure-rate and latency window.
     pub interval: Dur,
+    /// Eject an endpoint whose mean response-head latency in `interval` is at least this
+    /// percentage of the pool's median endpoint mean (300: three times); 0: off.
+    pub latency_percent: u32,
+    /// The latency detector judges an endpoint only with this many responses in `interval`.
+    pub latency_min_requests: u32,
 }
 
 impl Default for OutlierConfig {
@@ -121,6 +126,8 @@ impl Default for OutlierConfig {
             failure_percent: 0,
             failure_min_requests: 20,
             interval: Dur::secs(10),
+            latency_percent: 0,
+            latency_min_requests: 20,
         }
     }
 }

@@ -532,11 +532,26 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
     }
     if let Some(outlier) = &pool.outlier_detection {
         let at = format!("{path}.outlier_detection");
-        if outlier.consecutive_5xx == 0 && outlier.failure_percent == 0 {
+        if outlier.consecutive_5xx == 0
+            && outlier.failure_percent == 0
+            && outlier.latency_percent == 0
+        {
             errors.push(
                 format!("{at}.consecutive_5xx"),
-                "must be at least 1 unless failure_percent is set",
+                "must be at least 1 unless failure_percent or latency_percent is set",
             );
+        }
+        if outlier.latency_percent > 0 {
+            if outlier.latency_percent <= 100 {
+                errors.push(
+                    format!("{at}.latency_percent"),
+                    "must be above 100 (a multiple of the pool's median latency)",
+                );
+            }
+            positive(outlier.interval, format!("{at}.interval"), errors);
+            if outlier.latency_min_requests == 0 {
+                errors.push(format!("{at}.latency_min_requests"), "must be at least 1");
+            }
         }
         percent(
             outlier.failure_percent,

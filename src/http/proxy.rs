@@ -938,9 +938,11 @@ impl Attempt<'_> {
         }
         match &result {
             Ok(response) => {
-                endpoint.metrics.response.observe(sent_at.elapsed());
+                let latency = sent_at.elapsed();
+                endpoint.metrics.response.observe(latency);
                 if !response.status().is_server_error() {
-                    self.pool.state.latencies.record(sent_at.elapsed());
+                    self.pool.state.latencies.record(latency);
+                    self.pool.report_latency(endpoint, latency);
                 }
             }
             Err(error) => {

@@ -337,6 +337,62 @@ impl Pool {
         })
     }
 
+    /// Latency outlier detection (SPEC UP-5): records a response's head latency and ejects
+    /// the endpoint when its mean over the interval reaches `latency_percent` of the
+    /// median of the pool's endpoint means (the lower median; at least two endpoints with
+    /// `latency_min_requests` responses each are needed to judge).
+    pub fn report_latency(&self, endpoint: &Endpoint, latency: Duration) {
+        let Some(outlier) = self
+            .resilience
+            .outlier
+            .as_ref()
+            .filter(|outlier| outlier.latency_percent > 0)
+        else {
+            return;
+        };
+        let window = outlier.interval.0;
+        let Some(mean) =
+            endpoint
+                .state
+                .record_latency(latency, window, outlier.latency_min_requests)
+        else {
+            return;
+        };
+        let mut means: Vec<u64> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| e.state.mean_latency(window, outlier.latency_min_requests))
+            .collect();
+        if means.len() < 2 {
+            return;
+        }
+        let rank = (means.len() - 1) / 2;
+        let (_, median, _) = means.select_nth_unstable(rank);
+        let median = (*median).max(1);
+        if u128::from(mean) * 100 < u128::from(median) * u128::from(outlier.latency_percent) {
+            return;
+        }
+        let now = state::now_ms();
+        let may_eject = || {
+            let ejected = self
+                .endpoints
+                .iter()
+                .filter(|e| e.state.is_outlier_ejected(now))
+                .count();
+            (ejected + 1) * 100 <= outlier.max_ejection_percent as usize * self.endpoints.len()
+        };
+        if let Some(period) = endpoint.state.eject_outlier(
+            outlier.base_ejection_time.0,
+            outlier.max_ejection_time.0,
+            may_eject,
+        ) {
+            endpoint
+                .metrics
+                .ejected(crate::telemetry::metrics::Ejection::Outlier);
+            tracing::warn!(pool = %self.name, endpoint = %endpoint.address, mean_ms = mean / 1000, median_ms = median / 1000, ejection_ms = period.as_millis() as u64, "endpoint ejected: latency outlier");
+        }
+    }
+
     /// Feeds one attempt's outcome to passive health and outlier detection.
     pub fn report(&self, endpoint: &Endpoint, outcome: Outcome) {
         let passive = &self.resilience.passive;

@@ -55,6 +55,8 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     /// Attempts and failures, for outlier detection by failure rate.
     outcomes: Window,
+    /// Responses and the sum of their head latencies (µs), for latency outliers.
+    latencies: Window,
     /// The running active checker and the settings it was started with.
     pub(super) checker: Mutex<Option<(HealthCheckConfig, tokio::task::AbortHandle)>>,
     /// The pool's waiters for an endpoint below its connection limit, woken when a request
@@ -87,6 +89,7 @@ impl EndpointState {
             ejections: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             outcomes: Window::default(),
+            latencies: Window::default(),
             checker: Mutex::new(None),
         }
     }
@@ -171,6 +174,47 @@ impl EndpointState {
             self.outcomes.clear();
         }
         breached
+    }
+
+    /// Latency outlier detection: records a response-head latency and returns this
+    /// endpoint's mean over `window` once it has `min_requests` responses there.
+    pub fn record_latency(
+        &self,
+        latency: Duration,
+        window: Duration,
+        min_requests: u32,
+    ) -> Option<u64> {
+        let now = now_ms();
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latencies.add(window, now, 1, micros);
+        self.mean_latency(window, min_requests)
+    }
+
+    /// The mean response-head latency (µs) over `window`, with at least `min_requests`.
+    pub fn mean_latency(&self, window: Duration, min_requests: u32) -> Option<u64> {
+        let (count, sum) = self.latencies.totals(window, now_ms());
+        (count >= u64::from(min_requests.max(1))).then(|| sum / count)
+    }
+
+    /// Ejects the endpoint as an outlier now (latency detector), unless it is already out
+    /// or `may_eject` says no; returns the ejection period. Its latency record starts
+    /// afresh, so it is judged on new traffic when it returns.
+    pub fn eject_outlier(
+        &self,
+        base: Duration,
+        max: Duration,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
+        let now = now_ms();
+        if self.is_outlier_ejected(now) || !may_eject() {
+            return None;
+        }
+        let previous = self.ejections.fetch_add(1, Ordering::Relaxed).min(30);
+        let period = base.saturating_mul(1 << previous).min(max);
+        self.outlier_until
+            .store(now.saturating_add(millis(period)), Ordering::Relaxed);
+        self.latencies.clear();
+        Some(period)
     }
 
     /// Outlier detection: counts consecutive failures; returns the ejection period when
