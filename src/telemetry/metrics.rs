@@ -203,6 +203,14 @@ impl UpstreamFailure {
     }
 }
 
+/// A per-pool counter family: name, type, help, and the counter it reads.
+type PoolCounterFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::upstream::state::PoolCounters) -> &AtomicU64,
+);
+
 /// Why an endpoint was ejected, as the `kind` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Ejection {
@@ -641,12 +649,7 @@ impl Metrics {
             }
         }
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
-        let per_pool: [(
-            &str,
-            &str,
-            &str,
-            fn(&crate::upstream::state::PoolCounters) -> &AtomicU64,
-        ); 3] = [
+        let per_pool: [PoolCounterFamily; 3] = [
             (
                 "gatehouse_upstream_circuit_rejections_total",
                 "counter",

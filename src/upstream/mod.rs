@@ -470,6 +470,9 @@ struct Slot {
     state: Arc<EndpointState>,
 }
 
+/// Route name and pool name.
+type RouteBreakerKey = (Arc<str>, Arc<str>);
+
 /// A route's own circuit breaker for its pool (`routes[].circuit_breaker`): the settings
 /// of this snapshot, the state kept in the registry by (route, pool).
 pub struct RouteBreaker {
@@ -483,7 +486,7 @@ pub struct UpstreamRegistry {
     endpoints: Mutex<HashMap<EndpointKey, Slot>>,
     pools: Mutex<HashMap<Arc<str>, Arc<PoolState>>>,
     /// Per-route breakers by (route name, pool name) (SPEC UP-6 "per route × pool").
-    route_breakers: Mutex<HashMap<(Arc<str>, Arc<str>), Arc<Mutex<state::Breaker>>>>,
+    route_breakers: Mutex<HashMap<RouteBreakerKey, Arc<Mutex<state::Breaker>>>>,
 }
 
 impl UpstreamRegistry {
