@@ -72,8 +72,13 @@ impl Gateway {
         let publisher = Arc::new(Publisher::new(config)?);
         let spans = match &config_tracing.otlp_endpoint {
             Some(url) if config_tracing.enabled => Some(Arc::new(
-                crate::telemetry::otlp::Exporter::start(url, config_tracing.export_interval.0)
-                    .map_err(GatewayError::Tracing)?,
+                crate::telemetry::otlp::Exporter::start(
+                    url,
+                    config_tracing.export_interval.0,
+                    config_tracing.otlp_protocol,
+                    config_tracing.otlp_ca.as_deref(),
+                )
+                .map_err(GatewayError::Tracing)?,
             )),
             _ => None,
         };
@@ -120,9 +125,11 @@ impl Gateway {
             || current.config.metrics.require_token != config.metrics.require_token
             || current.config.tracing.otlp_endpoint != config.tracing.otlp_endpoint
             || current.config.tracing.export_interval != config.tracing.export_interval
+            || current.config.tracing.otlp_protocol != config.tracing.otlp_protocol
+            || current.config.tracing.otlp_ca != config.tracing.otlp_ca
         {
             tracing::warn!(
-                "access_log, demo, metrics.bind, metrics.require_token, tracing.otlp_endpoint and tracing.export_interval changes take effect at the next restart"
+                "access_log, demo, metrics.bind, metrics.require_token, tracing.otlp_endpoint, tracing.otlp_protocol and tracing.export_interval changes take effect at the next restart"
             );
         }
         let listener_configs = config.listeners.clone();

@@ -205,8 +205,23 @@ pub struct TracingConfig {
     /// Export the spans of sampled requests over OTLP/HTTP (JSON) to this URL, e.g.
     /// `http://127.0.0.1:4318/v1/traces`. None: no export. Set at start.
     pub otlp_endpoint: Option<String>,
+    /// The OTLP/HTTP encoding: `http/json` or `http/protobuf`.
+    pub otlp_protocol: OtlpProtocol,
+    /// For an `https://` endpoint: PEM bundle of CAs to verify the collector against;
+    /// none: the system's roots.
+    pub otlp_ca: Option<String>,
     /// How often queued spans are sent.
     pub export_interval: Dur,
+}
+
+/// How spans are encoded for the collector (OTLP/HTTP allows both).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/json")]
+    HttpJson,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 impl Default for TracingConfig {
@@ -215,6 +230,8 @@ impl Default for TracingConfig {
             enabled: false,
             sample_ratio: 1.0,
             otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpJson,
+            otlp_ca: None,
             export_interval: Dur::secs(1),
         }
     }
