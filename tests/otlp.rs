@@ -418,3 +418,30 @@ async fn the_sample_ratio_decides_which_new_traces_are_exported() {
         "unsampled traces were exported: {exported:?}"
     );
 }
+
+#[tokio::test]
+async fn otlp_settings_are_validated_with_field_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[tracing]\nenabled = true\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\notlp_ca = \"ca.pem\"\n\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    let output = support::run_to_exit(&["validate", path.to_str().expect("path")], &[]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tracing.otlp_ca: only for an https:// tracing.otlp_endpoint"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &path,
+        "[tracing]\notlp_protocol = \"grpc\"\n\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    let output = support::run_to_exit(&["validate", path.to_str().expect("path")], &[]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("tracing.otlp_protocol"), "{stderr}");
+}

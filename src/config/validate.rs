@@ -56,6 +56,17 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
             errors.push("tracing.otlp_endpoint", err.to_string());
         }
     }
+    let https = config
+        .tracing
+        .otlp_endpoint
+        .as_deref()
+        .is_some_and(|url| url.starts_with("https://"));
+    if config.tracing.otlp_ca.is_some() && !https {
+        errors.push(
+            "tracing.otlp_ca",
+            "only for an https:// tracing.otlp_endpoint",
+        );
+    }
     if config.tracing.export_interval.0.is_zero() {
         errors.push("tracing.export_interval", "must be more than 0s");
     }
