@@ -563,8 +563,14 @@ impl Proxy {
                     picked.is_err(),
                 );
             }
-            if let Err(UpstreamError::AtLimit { .. }) = &picked {
-                flag(exchange, "endpoints_at_limit");
+            if let Err(error) = &picked {
+                if let UpstreamError::AtLimit { .. } = error {
+                    flag(exchange, "endpoints_at_limit");
+                }
+                // The admission never reached a backend: a half-open probe slot goes back.
+                if let Some((admission, breaker)) = &admission {
+                    breaker.state.lock().release(*admission);
+                }
             }
             let (picked, reserved) = picked?;
             let attempt_started = otlp::now_nanos();

@@ -561,6 +561,24 @@ impl Breaker {
         }
     }
 
+    /// Gives back an admission that never reached the upstream (no endpoint could be
+    /// picked), so a half-open breaker does not wait forever for a probe that never ran.
+    pub fn release(&mut self, admission: Admission) {
+        if let (
+            Admission::Probe,
+            BreakerState::HalfOpen {
+                admitted,
+                succeeded,
+            },
+        ) = (admission, self.state)
+        {
+            self.state = BreakerState::HalfOpen {
+                admitted: admitted.saturating_sub(1).max(succeeded),
+                succeeded,
+            };
+        }
+    }
+
     /// Records an outcome; returns the new state when it changed.
     pub fn record(
         &mut self,
@@ -723,6 +741,26 @@ mod tests {
         assert_eq!(breaker.admit(&config), Ok(Admission::Probe));
         assert!(breaker.admit(&config).is_err());
         assert_eq!(breaker.record(&config, Admission::Probe, false), None);
+        assert_eq!(
+            breaker.record(&config, Admission::Probe, false),
+            Some(BreakerState::Closed)
+        );
+    }
+
+    #[test]
+    fn a_probe_that_found_no_endpoint_gives_its_slot_back() {
+        let config = CircuitBreakerConfig {
+            min_requests: 1,
+            open_for: Dur(Duration::from_millis(0)),
+            half_open_probes: 1,
+            ..CircuitBreakerConfig::default()
+        };
+        let mut breaker = Breaker::default();
+        breaker.record(&config, Admission::Normal, true);
+        assert_eq!(breaker.admit(&config), Ok(Admission::Probe));
+        assert!(breaker.admit(&config).is_err(), "the only probe is out");
+        breaker.release(Admission::Probe);
+        assert_eq!(breaker.admit(&config), Ok(Admission::Probe));
         assert_eq!(
             breaker.record(&config, Admission::Probe, false),
             Some(BreakerState::Closed)
