@@ -72,8 +72,13 @@ impl Gateway {
         let publisher = Arc::new(Publisher::new(config)?);
         let spans = match &config_tracing.otlp_endpoint {
             Some(url) if config_tracing.enabled => Some(Arc::new(
-                crate::telemetry::otlp::Exporter::start(url, config_tracing.export_interval.0)
-                    .map_err(GatewayError::Tracing)?,
+                crate::telemetry::otlp::Exporter::start(
+                    url,
+                    config_tracing.export_interval.0,
+                    config_tracing.otlp_protocol,
+                    config_tracing.otlp_ca.as_deref(),
+                )
+                .map_err(GatewayError::Tracing)?,
             )),
             _ => None,
         };
@@ -120,9 +125,11 @@ impl Gateway {
             || current.config.metrics.require_token != config.metrics.require_token
             || current.config.tracing.otlp_endpoint != config.tracing.otlp_endpoint
             || current.config.tracing.export_interval != config.tracing.export_interval
+            || current.config.tracing.otlp_protocol != config.tracing.otlp_protocol
+            || current.config.tracing.otlp_ca != config.tracing.otlp_ca
         {
             tracing::warn!(
-                "access_log, demo, metrics.bind, metrics.require_token, tracing.otlp_endpoint and tracing.export_interval changes take effect at the next restart"
+                "access_log, demo, metrics.bind, metrics.require_token, tracing.otlp_endpoint, tracing.otlp_protocol and tracing.export_interval changes take effect at the next restart"
             );
         }
         let listener_configs = config.listeners.clone();
@@ -141,6 +148,7 @@ impl Gateway {
 
     /// The Prometheus exposition; `config_version` is the stored version running.
     pub fn render_metrics(&self, config_version: u64) -> String {
+        let snapshot = self.publisher.load();
         let scrape = crate::telemetry::Scrape {
             config_version,
             snapshot_version: self.version(),
@@ -149,6 +157,22 @@ impl Gateway {
             firewall: Some(self.firewall_stats()),
             access_log_dropped: self.proxy.access_log.dropped(),
             traffic: self.publisher.registries.traffic.metric_rows(),
+            pools: snapshot.pools.values().cloned().collect(),
+            route_breakers: snapshot
+                .routes
+                .iter()
+                .filter_map(|route| {
+                    let breaker = route.breaker.as_ref()?;
+                    let crate::snapshot::Action::Forward(pool) = &route.action else {
+                        return None;
+                    };
+                    Some((
+                        route.name.clone(),
+                        pool.name.clone(),
+                        breaker.state.lock().code(),
+                    ))
+                })
+                .collect(),
         };
         self.metrics().render(&scrape)
     }

@@ -798,12 +798,24 @@ health_check = {{ interval = "0s", path = "health", expected_status = [500, 200]
 outlier_detection = {{ consecutive_5xx = 0, base_ejection_time = "10s", max_ejection_time = "1s", max_ejection_percent = 101 }}
 circuit_breaker = {{ error_percent = 0, min_requests = 0, open_for = "0s", half_open_probes = 0 }}
 concurrency = {{ max_concurrent = 0, max_queue = 1, queue_timeout = "0s" }}
+max_connections_per_endpoint = 2000000
+connection_queue = {{ queue_timeout = "0s" }}
 retry_budget = {{ percent = 200 }}
+
+[[pools]]
+name = "slow"
+endpoints = ["127.0.0.1:1"]
+outlier_detection = {{ consecutive_5xx = 0, latency_percent = 50, latency_min_requests = 0 }}
 
 [[routes]]
 pool = "app"
 retry = {{ max_retries = 11, on = ["retriable_status"], statuses = [600], backoff_base = "1s", backoff_max = "10ms" }}
 hedge = {{ delay = "0s" }}
+circuit_breaker = {{ min_requests = 0 }}
+
+[[routes]]
+direct_response = {{ body = "x" }}
+circuit_breaker = {{}}
 "#
     ));
     assert_eq!(
@@ -815,7 +827,7 @@ hedge = {{ delay = "0s" }}
             "pools[0].health_check.path: must be a path starting with \"/\"",
             "pools[0].health_check.expected_status: must be [low, high] with 100 <= low <= high <= 599",
             "pools[0].health_check.unhealthy_threshold: must be at least 1",
-            "pools[0].outlier_detection.consecutive_5xx: must be at least 1 unless failure_percent is set",
+            "pools[0].outlier_detection.consecutive_5xx: must be at least 1 unless failure_percent or latency_percent is set",
             "pools[0].outlier_detection.max_ejection_time: must be at least base_ejection_time",
             "pools[0].outlier_detection.max_ejection_percent: must be between 0 and 100",
             "pools[0].circuit_breaker.error_percent: must be between 1 and 100",
@@ -824,11 +836,17 @@ hedge = {{ delay = "0s" }}
             "pools[0].circuit_breaker.half_open_probes: must be at least 1",
             "pools[0].concurrency.max_concurrent: must be between 1 and 1000000",
             "pools[0].concurrency.queue_timeout: must be greater than zero",
+            "pools[0].max_connections_per_endpoint: must be at most 1000000",
+            "pools[0].connection_queue.queue_timeout: must be greater than zero",
             "pools[0].retry_budget.percent: must be between 0 and 100",
+            "pools[1].outlier_detection.latency_percent: must be above 100 (a multiple of the pool's median latency)",
+            "pools[1].outlier_detection.latency_min_requests: must be at least 1",
             "routes[0].retry.max_retries: must be at most 10",
             "routes[0].retry.statuses[0]: must be between 100 and 599",
             "routes[0].retry.backoff_max: must be at least backoff_base",
+            "routes[0].circuit_breaker.min_requests: must be at least 1",
             "routes[0].hedge.delay: must be greater than zero",
+            "routes[1].circuit_breaker: only routes that forward to a pool have a circuit breaker",
         ]
     );
 }

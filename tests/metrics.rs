@@ -352,6 +352,201 @@ path = "/hello"
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_resilience_families_follow_induced_faults() {
+    use support::faults::{Fault, FaultBackend};
+    let dead = FaultBackend::start("dead").await;
+    dead.refuse();
+    let ok = FaultBackend::start("ok").await;
+    let failing = FaultBackend::start("failing").await;
+    failing.set(Fault::Status(500));
+    let config = format!(
+        r#"
+[admin]
+bind = "127.0.0.1:0"
+
+[[listeners]]
+name = "public"
+bind = "127.0.0.1:0"
+
+[[pools]]
+name = "app"
+endpoints = ["{dead}", "{ok}"]
+passive_health = {{ consecutive_failures = 1, ejection_time = "60s" }}
+max_connections_per_endpoint = 10
+
+[[pools]]
+name = "broken"
+endpoints = ["{failing}"]
+circuit_breaker = {{ error_percent = 50, min_requests = 2, window = "60s", open_for = "60s" }}
+concurrency = {{ max_concurrent = 10 }}
+
+[[routes]]
+name = "r"
+pool = "app"
+[routes.match]
+path_prefix = "/app"
+
+[[routes]]
+name = "b"
+pool = "broken"
+[routes.match]
+path_prefix = "/broken"
+"#,
+        dead = dead.addr,
+        ok = ok.addr,
+        failing = failing.addr,
+    );
+    let gateway = Gateway::start(&config);
+    let client = http1_client();
+    // Round robin starts at the first endpoint: the refused connect ejects it (threshold
+    // 1) and the request is retried on the other one.
+    for _ in 0..2 {
+        let response = client
+            .get(gateway.url("public", "/app"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        response.bytes().await.expect("body");
+    }
+    // Two 500s open the breaker (2 requests, 100 % errors); the third is refused by it.
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let response = client
+            .get(gateway.url("public", "/broken"))
+            .send()
+            .await
+            .expect("request");
+        statuses.push(response.status().as_u16());
+        response.bytes().await.expect("body");
+    }
+    assert_eq!(statuses, [500, 500, 503]);
+
+    let metrics_url = format!("http://{}/metrics", gateway.addr("admin"));
+    let (status, text) = fetch(&metrics_url, None).await;
+    assert_eq!(status, 200);
+    let scrape = parse(&text);
+    for family in [
+        "gatehouse_upstream_endpoint_state",
+        "gatehouse_upstream_endpoint_in_flight",
+        "gatehouse_upstream_circuit_breaker_state",
+        "gatehouse_upstream_circuit_rejections_total",
+        "gatehouse_upstream_retries_total",
+        "gatehouse_upstream_retry_budget_exhausted_total",
+        "gatehouse_upstream_ejections_total",
+        "gatehouse_upstream_panic_mode",
+        "gatehouse_upstream_panic_events_total",
+        "gatehouse_upstream_panic_picks_total",
+        "gatehouse_upstream_overload_rejections_total",
+        "gatehouse_upstream_queue_waits_total",
+        "gatehouse_upstream_hedges_total",
+        "gatehouse_upstream_stale_connection_retries_total",
+    ] {
+        assert!(
+            scrape.docs.contains_key(family),
+            "family {family} missing:\n{text}"
+        );
+        assert!(
+            scrape.samples.iter().any(|sample| sample.metric == family),
+            "family {family} has no sample:\n{text}"
+        );
+    }
+    let dead_addr = dead.addr.to_string();
+    let ok_addr = ok.addr.to_string();
+    let state = |endpoint: &str, state: &str| {
+        value(
+            &scrape,
+            "gatehouse_upstream_endpoint_state",
+            &[("pool", "app"), ("endpoint", endpoint), ("state", state)],
+        )
+    };
+    assert_eq!(state(&dead_addr, "ejected"), 1.0);
+    assert_eq!(state(&dead_addr, "healthy"), 0.0);
+    assert_eq!(state(&ok_addr, "healthy"), 1.0);
+    assert_eq!(state(&ok_addr, "ejected"), 0.0);
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_ejections_total",
+            &[
+                ("pool", "app"),
+                ("endpoint", &dead_addr),
+                ("kind", "passive")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_retries_total",
+            &[
+                ("route", "r"),
+                ("pool", "app"),
+                ("reason", "connect_failure")
+            ]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_retries_total",
+            &[("route", "r"), ("pool", "app"), ("reason", "5xx")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_circuit_breaker_state",
+            &[("pool", "broken")]
+        ),
+        1.0,
+        "open"
+    );
+    assert!(
+        find(
+            &scrape,
+            "gatehouse_upstream_circuit_breaker_state",
+            &[("pool", "app")]
+        )
+        .is_none(),
+        "a pool without a breaker has no breaker series"
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_circuit_rejections_total",
+            &[("pool", "broken")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&scrape, "gatehouse_upstream_panic_mode", &[("pool", "app")]),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_overload_rejections_total",
+            &[("pool", "broken"), ("reason", "queue_full")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &scrape,
+            "gatehouse_upstream_hedges_total",
+            &[("route", "r"), ("result", "sent")]
+        ),
+        0.0
+    );
+    // The breaker answered without touching the backend.
+    assert_eq!(failing.requests(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn route_labels_are_capped_with_a_thousand_routes() {
     let mut config = String::from(
         "[admin]\nbind = \"127.0.0.1:0\"\n\n[metrics]\nmax_routes = 100\n\n[[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:0\"\n\n",

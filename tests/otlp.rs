@@ -12,7 +12,136 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 use support::{config_with_pool, echoed_header, full, http1_client, json_of, Backend, Gateway};
 
-/// An OTLP/HTTP receiver: every POSTed JSON document's spans, flattened.
+/// The OTLP trace messages a receiver decodes, declared here from the field numbers of
+/// `opentelemetry/proto/{collector/trace,trace,common,resource}/v1/*.proto` (independently
+/// of the gateway's own declarations), with only the fields the tests read.
+mod pb {
+    use prost::Message;
+    use serde_json::{json, Value};
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct ExportTraceServiceRequest {
+        #[prost(message, repeated, tag = "1")]
+        pub resource_spans: Vec<ResourceSpans>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct ResourceSpans {
+        #[prost(message, optional, tag = "1")]
+        pub resource: Option<Resource>,
+        #[prost(message, repeated, tag = "2")]
+        pub scope_spans: Vec<ScopeSpans>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Resource {
+        #[prost(message, repeated, tag = "1")]
+        pub attributes: Vec<KeyValue>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct ScopeSpans {
+        #[prost(message, repeated, tag = "2")]
+        pub spans: Vec<Span>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Span {
+        #[prost(bytes = "vec", tag = "1")]
+        pub trace_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "2")]
+        pub span_id: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub parent_span_id: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub name: String,
+        #[prost(enumeration = "i32", tag = "6")]
+        pub kind: i32,
+        #[prost(fixed64, tag = "7")]
+        pub start_time_unix_nano: u64,
+        #[prost(fixed64, tag = "8")]
+        pub end_time_unix_nano: u64,
+        #[prost(message, repeated, tag = "9")]
+        pub attributes: Vec<KeyValue>,
+        #[prost(message, optional, tag = "15")]
+        pub status: Option<Status>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct Status {
+        #[prost(int32, tag = "3")]
+        pub code: i32,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct KeyValue {
+        #[prost(string, tag = "1")]
+        pub key: String,
+        #[prost(message, optional, tag = "2")]
+        pub value: Option<AnyValue>,
+    }
+
+    #[derive(Clone, PartialEq, Message)]
+    pub struct AnyValue {
+        #[prost(oneof = "Any", tags = "1, 3")]
+        pub value: Option<Any>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Any {
+        #[prost(string, tag = "1")]
+        String(String),
+        #[prost(int64, tag = "3")]
+        Int(i64),
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// The spans in the OTLP/JSON shape the JSON receiver stores, so one set of assertions
+    /// serves both encodings.
+    pub fn to_json(request: &ExportTraceServiceRequest) -> Vec<Value> {
+        let mut spans = Vec::new();
+        for resource in &request.resource_spans {
+            for scope in &resource.scope_spans {
+                for span in &scope.spans {
+                    let attributes: Vec<Value> = span
+                        .attributes
+                        .iter()
+                        .map(|attr| {
+                            let value = match attr.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(Any::String(s)) => json!({ "stringValue": s }),
+                                Some(Any::Int(i)) => json!({ "intValue": i.to_string() }),
+                                None => json!({}),
+                            };
+                            json!({ "key": attr.key, "value": value })
+                        })
+                        .collect();
+                    let mut value = json!({
+                        "traceId": hex(&span.trace_id),
+                        "spanId": hex(&span.span_id),
+                        "name": span.name,
+                        "kind": span.kind,
+                        "startTimeUnixNano": span.start_time_unix_nano.to_string(),
+                        "endTimeUnixNano": span.end_time_unix_nano.to_string(),
+                        "attributes": attributes,
+                        "status": { "code": span.status.as_ref().map_or(0, |s| s.code) },
+                    });
+                    if !span.parent_span_id.is_empty() {
+                        value["parentSpanId"] = json!(hex(&span.parent_span_id));
+                    }
+                    spans.push(value);
+                }
+            }
+        }
+        spans
+    }
+}
+
+use prost::Message as _;
+
+/// An OTLP/HTTP receiver: every POSTed JSON or protobuf document's spans, flattened.
 struct Receiver {
     backend: Backend,
     spans: Arc<Mutex<Vec<Value>>>,
@@ -20,19 +149,32 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> Receiver {
+        Receiver::start_with(None).await
+    }
+
+    /// A receiver speaking HTTPS with `pair` as its certificate when given.
+    async fn start_with(pair: Option<&support::tls::Pair>) -> Receiver {
         let spans = Arc::new(Mutex::new(Vec::new()));
         let sink = spans.clone();
-        let backend = Backend::start(Arc::new(move |request| {
+        let handler: support::Handler = Arc::new(move |request| {
             let sink = sink.clone();
             Box::pin(async move {
                 let path = request.uri().path().to_string();
+                let protobuf = request
+                    .headers()
+                    .get("content-type")
+                    .is_some_and(|v| v == "application/x-protobuf");
                 let bytes = request
                     .into_body()
                     .collect()
                     .await
                     .map(|body| body.to_bytes())
                     .unwrap_or_default();
-                if path == "/v1/traces" {
+                if path == "/v1/traces" && protobuf {
+                    let decoded = pb::ExportTraceServiceRequest::decode(bytes.as_ref())
+                        .expect("a valid protobuf ExportTraceServiceRequest");
+                    sink.lock().expect("lock").extend(pb::to_json(&decoded));
+                } else if path == "/v1/traces" {
                     if let Ok(document) = serde_json::from_slice::<Value>(&bytes) {
                         let mut sink = sink.lock().expect("lock");
                         for resource in document["resourceSpans"].as_array().into_iter().flatten() {
@@ -46,8 +188,11 @@ impl Receiver {
                 }
                 http::Response::new(full("{}"))
             })
-        }))
-        .await;
+        });
+        let backend = match pair {
+            Some(pair) => support::tls::tls_backend(pair, handler).await,
+            None => Backend::start(handler).await,
+        };
         Receiver { backend, spans }
     }
 
@@ -88,12 +233,75 @@ fn attribute<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sampled_requests_export_request_route_selection_and_attempt_spans() {
+    exports_request_route_selection_and_attempt_spans("http/json").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_as_otlp_protobuf() {
+    exports_request_route_selection_and_attempt_spans("http/protobuf").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_over_https_verified_against_the_configured_ca() {
+    let ca = support::tls::Ca::new("otlp test ca");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_path = ca.write(dir.path(), "ca.pem");
+    let receiver = Receiver::start_with(Some(&ca.server(&["127.0.0.1"]))).await;
+    let backend = Backend::echo().await;
+    let port = receiver.backend.addr.port();
+    let gateway = Gateway::start(&config_with_pool(
+        &[backend.addr],
+        &format!(
+            "[tracing]\nenabled = true\notlp_endpoint = \"https://127.0.0.1:{port}/v1/traces\"\notlp_protocol = \"http/protobuf\"\notlp_ca = \"{}\"\nexport_interval = \"50ms\"\n\n[[routes]]\npool = \"app\"\n",
+            ca_path.display()
+        ),
+    ));
+    json_of(http1_client().get(gateway.url("public", "/tls")).header(
+        "traceparent",
+        "00-33333333333333333333333333333333-4444444444444444-01",
+    ))
+    .await;
+    let spans = receiver
+        .trace("33333333333333333333333333333333", &["gatehouse.request"])
+        .await;
+    assert!(spans
+        .iter()
+        .any(|span| attribute(span, "url.path") == Some("/tls")));
+    // Without the CA (system roots only) the collector's certificate is not trusted: the
+    // export fails and nothing is delivered.
+    let untrusting = Gateway::start(&config_with_pool(
+        &[backend.addr],
+        &format!(
+            "[tracing]\nenabled = true\notlp_endpoint = \"https://127.0.0.1:{port}/v1/traces\"\notlp_protocol = \"http/protobuf\"\nexport_interval = \"50ms\"\n\n[[routes]]\npool = \"app\"\n"
+        ),
+    ));
+    json_of(
+        http1_client()
+            .get(untrusting.url("public", "/untrusted"))
+            .header(
+                "traceparent",
+                "00-55555555555555555555555555555555-6666666666666666-01",
+            ),
+    )
+    .await;
+    untrusting.stderr.wait_for(0, support::PATIENCE, |line| {
+        line.contains("span export failed")
+    });
+    assert!(receiver
+        .spans
+        .lock()
+        .expect("lock")
+        .iter()
+        .all(|span| span["traceId"] != "55555555555555555555555555555555"));
+}
+
+async fn exports_request_route_selection_and_attempt_spans(protocol: &str) {
     let receiver = Receiver::start().await;
     let backend = Backend::echo().await;
     let gateway = Gateway::start(&config_with_pool(
         &[backend.addr],
         &format!(
-            "[tracing]\nenabled = true\nsample_ratio = 1.0\notlp_endpoint = \"http://{}/v1/traces\"\nexport_interval = \"50ms\"\n\n[[routes]]\nname = \"api\"\npool = \"app\"\n",
+            "[tracing]\nenabled = true\nsample_ratio = 1.0\notlp_endpoint = \"http://{}/v1/traces\"\notlp_protocol = \"{protocol}\"\nexport_interval = \"50ms\"\n\n[[routes]]\nname = \"api\"\npool = \"app\"\n",
             receiver.backend.addr
         ),
     ));
@@ -209,4 +417,31 @@ async fn the_sample_ratio_decides_which_new_traces_are_exported() {
             .all(|span| span["traceId"] == "11111111111111111111111111111111"),
         "unsampled traces were exported: {exported:?}"
     );
+}
+
+#[tokio::test]
+async fn otlp_settings_are_validated_with_field_paths() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[tracing]\nenabled = true\notlp_endpoint = \"http://127.0.0.1:4318/v1/traces\"\notlp_ca = \"ca.pem\"\n\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    let output = support::run_to_exit(&["validate", path.to_str().expect("path")], &[]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("tracing.otlp_ca: only for an https:// tracing.otlp_endpoint"),
+        "{stderr}"
+    );
+    std::fs::write(
+        &path,
+        "[tracing]\notlp_protocol = \"grpc\"\n\n[[listeners]]\nname = \"p\"\nbind = \"127.0.0.1:0\"\n",
+    )
+    .expect("write");
+    let output = support::run_to_exit(&["validate", path.to_str().expect("path")], &[]).await;
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("tracing.otlp_protocol"), "{stderr}");
 }

@@ -791,7 +791,9 @@ async fn check_fault(client: &reqwest::Client, url: &str, backend: &FaultBackend
     let status = response.status().as_u16();
     let body = response.bytes().await;
     match fault {
-        Fault::Ok | Fault::Latency(_) => assert_eq!((status, body.is_ok()), (200, true)),
+        Fault::Ok | Fault::Latency(_) | Fault::CloseReused => {
+            assert_eq!((status, body.is_ok()), (200, true))
+        }
         Fault::Drip(period) if period < Duration::from_millis(100) => {
             assert_eq!(status, 200);
             assert_eq!(&body.expect("dripped body")[..], b"0123456789");
@@ -1106,4 +1108,292 @@ async fn l4_relay_ejects_an_endpoint_that_refuses_connections() {
         gateway.stderr.snapshot().join("\n")
     );
     assert_eq!(alive.requests(), 5);
+}
+
+// ---- per-endpoint connection limits (SPEC UP-3) ------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_endpoint_connection_limit_caps_backend_connections_and_queues_the_rest() {
+    let a = FaultBackend::start("a").await;
+    let b = FaultBackend::start("b").await;
+    for backend in [&a, &b] {
+        backend.set(Fault::Latency(Duration::from_millis(150)));
+    }
+    let gateway = Gateway::start(&config(
+        &[&a, &b],
+        "max_connections_per_endpoint = 2\nconnection_queue = { max_queue = 100, queue_timeout = \"15s\" }",
+        "",
+    ));
+    let client = client();
+    let url = gateway.url("public", "/");
+    // 24 at once against 2 × 2 slots: 20 of them must wait for a slot to free up.
+    let answers = futures_util::future::join_all((0..24).map(|_| get(&client, &url))).await;
+    let statuses: Vec<u16> = answers.iter().map(|a| a.status).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    assert_eq!(a.requests() + b.requests(), 24);
+    for backend in [&a, &b] {
+        let counters = backend.counters();
+        // Connections are kept alive (never closed here), so the number ever accepted is
+        // the most that were open at once.
+        let connections = counters.connections.load(Ordering::SeqCst);
+        let concurrent = counters.max_in_flight.load(Ordering::SeqCst);
+        assert!(
+            connections <= 2 && concurrent <= 2,
+            "{}: {connections} connections, {concurrent} concurrent requests (cap 2)",
+            backend.name()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_endpoint_at_its_limit_answers_503_with_retry_after() {
+    let backend = FaultBackend::start("b").await;
+    backend.set(Fault::Latency(Duration::from_secs(2)));
+    let gateway = Gateway::start(&config(
+        &[&backend],
+        "max_connections_per_endpoint = 1\nconnection_queue = { max_queue = 1, queue_timeout = \"200ms\" }",
+        "",
+    ));
+    let client = client();
+    let url = gateway.url("public", "/");
+    let first = tokio::spawn({
+        let client = client.clone();
+        let url = url.clone();
+        async move { get(&client, &url).await }
+    });
+    eventually(
+        "the first request holds the endpoint's only slot",
+        || async { backend.counters().in_flight.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
+    // Two more at once: one waits in the queue (and times out), the other finds it full.
+    let started = Instant::now();
+    let (queued, refused) = tokio::join!(get(&client, &url), get(&client, &url));
+    let waited = started.elapsed();
+    for answer in [&queued, &refused] {
+        assert_eq!(answer.status, 503, "{}", answer.body);
+        assert_eq!(
+            answer.headers.get("retry-after").map(|v| v.as_bytes()),
+            Some(&b"1"[..])
+        );
+        assert!(
+            answer.body.contains("endpoints_at_limit"),
+            "{}",
+            answer.body
+        );
+    }
+    assert!(
+        waited >= Duration::from_millis(180) && waited < Duration::from_millis(1800),
+        "queue timeout 200ms, waited {waited:?}"
+    );
+    assert_eq!(first.await.unwrap().status, 200);
+    assert_eq!(backend.requests(), 1);
+    assert_eq!(backend.counters().connections.load(Ordering::SeqCst), 1);
+}
+
+// ---- keep-alive reuse race ----------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_connection_the_backend_closes_is_resent_on_a_fresh_one() {
+    let backend = FaultBackend::start("b").await;
+    // The worst case of a backend keep-alive timeout racing new requests: every request
+    // that arrives on an already used connection finds it closed.
+    backend.set(Fault::CloseReused);
+    // No retry conditions at all: the resend does not depend on them.
+    let gateway = Gateway::start(&config(
+        &[&backend],
+        "",
+        "[[routes]]\npool = \"app\"\nretry = { max_retries = 0 }\n",
+    ));
+    let client = client();
+    let url = gateway.url("public", "/");
+    let counts = tally(&client, &url, 60).await;
+    assert_eq!(counts.get("b"), Some(&60), "{counts:?}");
+    let dropped = backend.counters().dropped.load(Ordering::SeqCst);
+    assert!(dropped > 0, "no request met a closed reused connection");
+    // A POST is not repeated by itself: the backend may have acted on it. Send until one
+    // lands on a reused connection (the backend drops it) and check it was not resent.
+    let mut seen = false;
+    for _ in 0..20 {
+        let before = backend.counters().dropped.load(Ordering::SeqCst);
+        let requests = backend.requests();
+        let answer = send(client.post(&url).body("x")).await;
+        if backend.counters().dropped.load(Ordering::SeqCst) > before {
+            assert_eq!(answer.status, 502, "{}", answer.body);
+            assert_eq!(backend.requests(), requests, "the POST went out again");
+            seen = true;
+            break;
+        }
+        assert_eq!(answer.status, 200);
+    }
+    assert!(seen, "no POST met a reused connection");
+}
+
+// ---- connect-failure retries of streamed bodies ---------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streamed_post_goes_to_another_endpoint_after_a_connect_failure() {
+    let dead = FaultBackend::start("dead").await;
+    dead.refuse();
+    let good = FaultBackend::start("good").await;
+    let gateway = Gateway::start(&config(
+        &[&dead, &good],
+        "passive_health = { consecutive_failures = 0 }\nretry_budget = { percent = 100 }",
+        "",
+    ));
+    let client = client();
+    let url = gateway.url("public", "/upload");
+    // 1 MiB: far above `max_replay_body`, so the body is streamed, never buffered. Round
+    // robin sends every other request to the refusing endpoint first.
+    let size = 1 << 20;
+    for _ in 0..4 {
+        let answer = send(client.post(&url).body(vec![b'z'; size])).await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.backend.as_deref(), Some("good"));
+    }
+    assert_eq!(good.requests(), 4);
+    assert_eq!(
+        good.counters().body_bytes.load(Ordering::SeqCst),
+        4 * size,
+        "every body arrived whole"
+    );
+    let line = gateway.wait_access_log(|line| line["attempts"] == 2);
+    assert_eq!(line["status"], 200);
+}
+
+// ---- per-route × pool breakers ---------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_own_breaker_opens_without_blocking_another_route_to_the_pool() {
+    let backend = FaultBackend::start("b").await;
+    backend.set(Fault::Status(500));
+    let routes = "[[routes]]\nname = \"guarded\"\npool = \"app\"\ncircuit_breaker = { error_percent = 50, min_requests = 2, open_for = \"60s\" }\n[routes.match]\npath_prefix = \"/guarded\"\n\n[[routes]]\nname = \"open\"\npool = \"app\"\n[routes.match]\npath_prefix = \"/open\"\n";
+    // The pool has a breaker too, with a threshold this test never reaches: the route's
+    // breaker replaces it for its own traffic.
+    let config = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n{}",
+        config(
+            &[&backend],
+            "circuit_breaker = { error_percent = 50, min_requests = 1000 }",
+            routes,
+        )
+    );
+    let gateway = Gateway::start(&config);
+    let client = client();
+    let guarded = gateway.url("public", "/guarded");
+    let open = gateway.url("public", "/open");
+    for _ in 0..2 {
+        assert_eq!(get(&client, &guarded).await.status, 500);
+    }
+    let refused = get(&client, &guarded).await;
+    assert_eq!(refused.status, 503);
+    assert_eq!(
+        refused
+            .headers
+            .get("x-gatehouse-circuit")
+            .map(|v| v.as_bytes()),
+        Some(&b"open"[..])
+    );
+    assert_eq!(
+        backend.requests(),
+        2,
+        "the open breaker kept the backend out"
+    );
+    // The other route to the same pool is unaffected: it reaches the backend.
+    backend.set(Fault::Ok);
+    for _ in 0..5 {
+        assert_eq!(get(&client, &open).await.status, 200);
+    }
+    assert_eq!(backend.requests(), 7);
+    // The route's breaker state survives a reload that keeps the route and pool (with
+    // another route added, so a new snapshot is compiled).
+    let reloaded = format!(
+        "{config}\n[[routes]]\nmatch = {{ path = \"/other\" }}\ndirect_response = {{ body = \"x\" }}\n"
+    );
+    assert!(gateway.reload_with(&reloaded).contains("reload succeeded"));
+    assert_eq!(
+        get(&client, &gateway.url("public", "/other")).await.status,
+        200
+    );
+    assert_eq!(get(&client, &guarded).await.status, 503);
+    assert_eq!(get(&client, &open).await.status, 200);
+    assert_eq!(backend.requests(), 8);
+    let metrics = client
+        .get(format!("http://{}/metrics", gateway.addr("admin")))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    assert!(
+        metrics.contains(
+            "gatehouse_upstream_route_circuit_breaker_state{route=\"guarded\",pool=\"app\"} 1\n"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("gatehouse_upstream_circuit_breaker_state{pool=\"app\"} 0\n"));
+}
+
+// ---- latency outliers (SPEC UP-5) -------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_is_ejected_as_a_latency_outlier_within_max_ejection_percent() {
+    let mut backends = Vec::new();
+    for name in ["f1", "f2", "f3", "s1", "s2"] {
+        backends.push(FaultBackend::start(name).await);
+    }
+    for slow in &backends[3..] {
+        slow.set(Fault::Latency(Duration::from_millis(100)));
+    }
+    let refs: Vec<&FaultBackend> = backends.iter().collect();
+    // Two slow endpoints of five, but at most 20 % (one) may be ejected at once.
+    let gateway = Gateway::start(&config(
+        &refs,
+        "outlier_detection = { consecutive_5xx = 0, latency_percent = 300, latency_min_requests = 3, interval = \"60s\", max_ejection_percent = 20, base_ejection_time = \"60s\" }",
+        "",
+    ));
+    let client = client();
+    let url = gateway.url("public", "/");
+    let latency_ejections = || -> Vec<String> {
+        gateway
+            .stderr
+            .snapshot()
+            .into_iter()
+            .filter(|line| line.contains("endpoint ejected: latency outlier"))
+            .collect()
+    };
+    // Round robin: after three rounds every endpoint has three responses to judge.
+    tally(&client, &url, 25).await;
+    eventually("a latency ejection is logged", || async {
+        !latency_ejections().is_empty()
+    })
+    .await;
+    let ejected: Vec<&FaultBackend> = backends[3..]
+        .iter()
+        .filter(|slow| {
+            latency_ejections()
+                .iter()
+                .any(|line| line.contains(&slow.addr.to_string()))
+        })
+        .collect();
+    assert_eq!(ejected.len(), 1, "{:?}", latency_ejections());
+    let out = ejected[0];
+    let before = out.requests();
+    let counts = tally(&client, &url, 20).await;
+    assert_eq!(
+        out.requests(),
+        before,
+        "the ejected endpoint got traffic: {counts:?}"
+    );
+    // The other slow endpoint stays in rotation: ejecting it too would exceed 20 %.
+    assert_eq!(latency_ejections().len(), 1, "{:?}", latency_ejections());
+    assert_eq!(counts.values().sum::<usize>(), 20);
+    assert_eq!(counts.len(), 4, "{counts:?}");
+    // No fast endpoint was ever ejected.
+    for fast in &backends[..3] {
+        assert!(!latency_ejections()
+            .iter()
+            .any(|line| line.contains(&fast.addr.to_string())));
+    }
 }

@@ -20,9 +20,9 @@ use serde::{Deserialize, Serialize};
 pub use firewall::{FirewallConfig, FirewallMode, RateLimitConfig};
 pub use load::{load_file, parse_str, ConfigError, ConfigErrors, Format};
 pub use resilience::{
-    CircuitBreakerConfig, ConcurrencyConfig, HashConfig, HashOn, HealthCheckConfig,
-    HealthCheckKind, HedgeConfig, OutlierConfig, PassiveHealthConfig, RetryBudgetConfig,
-    RetryConfig, RetryOn,
+    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HashConfig, HashOn,
+    HealthCheckConfig, HealthCheckKind, HedgeConfig, OutlierConfig, PassiveHealthConfig,
+    RetryBudgetConfig, RetryConfig, RetryOn,
 };
 pub use tls::{
     AcmeCertificate, AcmeChallenge, AcmeConfig, CertificateConfig, ClientAuthConfig,
@@ -210,8 +210,23 @@ pub struct TracingConfig {
     /// Export the spans of sampled requests over OTLP/HTTP (JSON) to this URL, e.g.
     /// `http://127.0.0.1:4318/v1/traces`. None: no export. Set at start.
     pub otlp_endpoint: Option<String>,
+    /// The OTLP/HTTP encoding: `http/json` or `http/protobuf`.
+    pub otlp_protocol: OtlpProtocol,
+    /// For an `https://` endpoint: PEM bundle of CAs to verify the collector against;
+    /// none: the system's roots.
+    pub otlp_ca: Option<String>,
     /// How often queued spans are sent.
     pub export_interval: Dur,
+}
+
+/// How spans are encoded for the collector (OTLP/HTTP allows both).
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[default]
+    #[serde(rename = "http/json")]
+    HttpJson,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
 }
 
 impl Default for TracingConfig {
@@ -220,6 +235,8 @@ impl Default for TracingConfig {
             enabled: false,
             sample_ratio: 1.0,
             otlp_endpoint: None,
+            otlp_protocol: OtlpProtocol::HttpJson,
+            otlp_ca: None,
             export_interval: Dur::secs(1),
         }
     }
@@ -417,6 +434,13 @@ pub struct PoolConfig {
     /// change, pooled connections are retired. 0: resolve per new connection only.
     #[serde(default = "PoolConfig::default_dns_refresh")]
     pub dns_refresh: Dur,
+    /// At most this many requests in flight to one endpoint, and (HTTP/1.1) open
+    /// connections to it; 0: unlimited (SPEC UP-3, HAProxy's per-server `maxconn`).
+    #[serde(default)]
+    pub max_connections_per_endpoint: u32,
+    /// The wait when every endpoint is at `max_connections_per_endpoint`.
+    #[serde(default)]
+    pub connection_queue: ConnectionQueueConfig,
 }
 
 impl PoolConfig {
@@ -594,6 +618,9 @@ pub struct RouteConfig {
     /// Response compression (SPEC POLICY-6).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compression: Option<CompressionConfig>,
+    /// A breaker for this route's traffic to its pool, instead of the pool's (SPEC UP-6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breaker: Option<CircuitBreakerConfig>,
 }
 
 impl RouteConfig {

@@ -107,8 +107,13 @@ pub struct OutlierConfig {
     pub failure_percent: u32,
     /// The failure-rate detector judges an endpoint only with this many attempts.
     pub failure_min_requests: u32,
-    /// The failure-rate window.
+    /// The failure-rate and latency window.
     pub interval: Dur,
+    /// Eject an endpoint whose mean response-head latency in `interval` is at least this
+    /// percentage of the pool's median endpoint mean (300: three times); 0: off.
+    pub latency_percent: u32,
+    /// The latency detector judges an endpoint only with this many responses in `interval`.
+    pub latency_min_requests: u32,
 }
 
 impl Default for OutlierConfig {
@@ -121,6 +126,8 @@ impl Default for OutlierConfig {
             failure_percent: 0,
             failure_min_requests: 20,
             interval: Dur::secs(10),
+            latency_percent: 0,
+            latency_min_requests: 20,
         }
     }
 }
@@ -168,6 +175,25 @@ impl Default for ConcurrencyConfig {
     fn default() -> Self {
         ConcurrencyConfig {
             max_concurrent: 100,
+            max_queue: 100,
+            queue_timeout: Dur::secs(1),
+        }
+    }
+}
+
+/// Where requests wait when every endpoint of a pool is at `max_connections_per_endpoint`
+/// (SPEC UP-3): HAProxy's backend queue with `timeout queue`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionQueueConfig {
+    /// Requests that may wait for an endpoint below its limit; beyond it they are refused.
+    pub max_queue: u32,
+    pub queue_timeout: Dur,
+}
+
+impl Default for ConnectionQueueConfig {
+    fn default() -> Self {
+        ConnectionQueueConfig {
             max_queue: 100,
             queue_timeout: Dur::secs(1),
         }

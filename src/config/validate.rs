@@ -56,6 +56,17 @@ pub(super) fn validate(config: &Config, indexes: &FileIndexes, errors: &mut Vec<
             errors.push("tracing.otlp_endpoint", err.to_string());
         }
     }
+    let https = config
+        .tracing
+        .otlp_endpoint
+        .as_deref()
+        .is_some_and(|url| url.starts_with("https://"));
+    if config.tracing.otlp_ca.is_some() && !https {
+        errors.push(
+            "tracing.otlp_ca",
+            "only for an https:// tracing.otlp_endpoint",
+        );
+    }
     if config.tracing.export_interval.0.is_zero() {
         errors.push("tracing.export_interval", "must be more than 0s");
     }
@@ -532,11 +543,26 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
     }
     if let Some(outlier) = &pool.outlier_detection {
         let at = format!("{path}.outlier_detection");
-        if outlier.consecutive_5xx == 0 && outlier.failure_percent == 0 {
+        if outlier.consecutive_5xx == 0
+            && outlier.failure_percent == 0
+            && outlier.latency_percent == 0
+        {
             errors.push(
                 format!("{at}.consecutive_5xx"),
-                "must be at least 1 unless failure_percent is set",
+                "must be at least 1 unless failure_percent or latency_percent is set",
             );
+        }
+        if outlier.latency_percent > 0 {
+            if outlier.latency_percent <= 100 {
+                errors.push(
+                    format!("{at}.latency_percent"),
+                    "must be above 100 (a multiple of the pool's median latency)",
+                );
+            }
+            positive(outlier.interval, format!("{at}.interval"), errors);
+            if outlier.latency_min_requests == 0 {
+                errors.push(format!("{at}.latency_min_requests"), "must be at least 1");
+            }
         }
         percent(
             outlier.failure_percent,
@@ -567,19 +593,7 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
         );
     }
     if let Some(breaker) = &pool.circuit_breaker {
-        let at = format!("{path}.circuit_breaker");
-        if breaker.error_percent == 0 {
-            errors.push(format!("{at}.error_percent"), "must be between 1 and 100");
-        }
-        percent(breaker.error_percent, format!("{at}.error_percent"), errors);
-        if breaker.min_requests == 0 {
-            errors.push(format!("{at}.min_requests"), "must be at least 1");
-        }
-        positive(breaker.window, format!("{at}.window"), errors);
-        positive(breaker.open_for, format!("{at}.open_for"), errors);
-        if breaker.half_open_probes == 0 {
-            errors.push(format!("{at}.half_open_probes"), "must be at least 1");
-        }
+        validate_breaker(breaker, &format!("{path}.circuit_breaker"), errors);
     }
     if let Some(limits) = &pool.concurrency {
         let at = format!("{path}.concurrency");
@@ -599,6 +613,25 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
             positive(limits.queue_timeout, format!("{at}.queue_timeout"), errors);
         }
     }
+    if pool.max_connections_per_endpoint > MAX_CONCURRENT {
+        errors.push(
+            format!("{path}.max_connections_per_endpoint"),
+            format!("must be at most {MAX_CONCURRENT}"),
+        );
+    }
+    if pool.connection_queue.max_queue > MAX_CONCURRENT {
+        errors.push(
+            format!("{path}.connection_queue.max_queue"),
+            format!("must be at most {MAX_CONCURRENT}"),
+        );
+    }
+    if pool.max_connections_per_endpoint > 0 && pool.connection_queue.max_queue > 0 {
+        positive(
+            pool.connection_queue.queue_timeout,
+            format!("{path}.connection_queue.queue_timeout"),
+            errors,
+        );
+    }
     percent(
         pool.retry_budget.percent,
         format!("{path}.retry_budget.percent"),
@@ -609,6 +642,21 @@ fn validate_resilience(pool: &PoolConfig, path: &str, errors: &mut Errors) {
         format!("{path}.retry_budget.window"),
         errors,
     );
+}
+
+fn validate_breaker(breaker: &crate::config::CircuitBreakerConfig, at: &str, errors: &mut Errors) {
+    if breaker.error_percent == 0 {
+        errors.push(format!("{at}.error_percent"), "must be between 1 and 100");
+    }
+    percent(breaker.error_percent, format!("{at}.error_percent"), errors);
+    if breaker.min_requests == 0 {
+        errors.push(format!("{at}.min_requests"), "must be at least 1");
+    }
+    positive(breaker.window, format!("{at}.window"), errors);
+    positive(breaker.open_for, format!("{at}.open_for"), errors);
+    if breaker.half_open_probes == 0 {
+        errors.push(format!("{at}.half_open_probes"), "must be at least 1");
+    }
 }
 
 fn validate_retry(retry: &RetryConfig, path: &str, errors: &mut Errors) {
@@ -640,6 +688,16 @@ fn validate_retry(retry: &RetryConfig, path: &str, errors: &mut Errors) {
 
 fn validate_route(route: &RouteConfig, path: &str, pools: &HashSet<&str>, errors: &mut Errors) {
     validate_retry(&route.retry, path, errors);
+    if let Some(breaker) = &route.circuit_breaker {
+        let at = format!("{path}.circuit_breaker");
+        validate_breaker(breaker, &at, errors);
+        if route.pool.is_none() {
+            errors.push(
+                at,
+                "only routes that forward to a pool have a circuit breaker",
+            );
+        }
+    }
     if let Some(hedge) = &route.hedge {
         positive(hedge.delay, format!("{path}.hedge.delay"), errors);
         if hedge.percentile.is_some_and(|p| !(1..=99).contains(&p)) {

@@ -44,7 +44,7 @@ impl ProxyError {
     /// The proxy error behind an upstream failure, if the failure was really the client's
     /// request body (too large, malformed, stalled).
     pub fn from_upstream(err: UpstreamError) -> ProxyError {
-        if let UpstreamError::Request(hyper_err) = &err {
+        if let UpstreamError::Request(hyper_err) | UpstreamError::Stale(hyper_err) = &err {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(hyper_err);
             while let Some(current) = source {
                 if let Some(body) = current.downcast_ref::<BodyError>() {
@@ -80,7 +80,9 @@ impl ProxyError {
             ProxyError::Upstream(UpstreamError::ConnectTimeout { .. }) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
-            ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::Upstream(UpstreamError::NoEndpoint(_) | UpstreamError::AtLimit { .. }) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::Upstream(_) => StatusCode::BAD_GATEWAY,
             ProxyError::CircuitOpen { .. } | ProxyError::Overloaded { .. } => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -112,7 +114,10 @@ impl ProxyError {
             }
             ProxyError::Upstream(UpstreamError::Handshake { .. }) => "upstream_handshake_failed",
             ProxyError::Upstream(UpstreamError::Tls { .. }) => "upstream_tls_failed",
-            ProxyError::Upstream(UpstreamError::Request(_)) => "upstream_bad_response",
+            ProxyError::Upstream(UpstreamError::Request(_) | UpstreamError::Stale(_)) => {
+                "upstream_bad_response"
+            }
+            ProxyError::Upstream(UpstreamError::AtLimit { .. }) => "endpoints_at_limit",
             ProxyError::Upstream(UpstreamError::ResponseTimeout(_)) => "upstream_timeout",
             ProxyError::Upstream(UpstreamError::NoEndpoint(_)) => "no_healthy_upstream",
             ProxyError::CircuitOpen { .. } => "circuit_open",

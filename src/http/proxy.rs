@@ -525,7 +525,12 @@ impl Proxy {
 
         // Overload protection first: a queued request holds nothing else yet.
         let slot = match &pool.resilience.concurrency {
-            Some(limits) => match pool.state.limiter(limits).acquire().await {
+            Some(limits) => match pool
+                .state
+                .limiter(limits)
+                .acquire(&pool.state.counters)
+                .await
+            {
                 Ok(permit) => Some(permit),
                 Err(reason) => {
                     pool.state
@@ -601,11 +606,24 @@ impl Proxy {
             .map_or(route.timeouts.response_header, |t| {
                 t.min(route.timeouts.response_header)
             });
+        // The route's own breaker for this pool when it has one, else the pool's.
+        let breaker = match &route.breaker {
+            Some(own) => Some(Breaker {
+                config: &own.config,
+                state: &own.state,
+                route: Some(&route.name),
+            }),
+            None => pool.resilience.breaker.as_ref().map(|config| Breaker {
+                config,
+                state: &pool.state.breaker,
+                route: None,
+            }),
+        };
         let mut tried: Vec<usize> = Vec::new();
         let (response, endpoint, in_flight, sent_at) = loop {
-            let admission = match &pool.resilience.breaker {
-                Some(config) => match pool.state.breaker.lock().admit(config) {
-                    Ok(admission) => Some(admission),
+            let admission = match &breaker {
+                Some(breaker) => match breaker.state.lock().admit(breaker.config) {
+                    Ok(admission) => Some((admission, breaker)),
                     Err(retry_after) => {
                         pool.state
                             .counters
@@ -621,10 +639,10 @@ impl Proxy {
                 None => None,
             };
             let select_started = otlp::now_nanos();
-            let picked = pool.pick_for(&pick_context, &tried);
+            let picked = pool.reserve(&pick_context, &tried).await;
             if let Some(spans) = exchange.spans.as_mut() {
                 let mut attributes = vec![("gatehouse.pool", pool.name.to_string())];
-                if let Ok(picked) = &picked {
+                if let Ok((picked, _)) = &picked {
                     attributes.push(("gatehouse.endpoint", picked.endpoint.address.to_string()));
                 }
                 spans.child(
@@ -636,7 +654,16 @@ impl Proxy {
                     picked.is_err(),
                 );
             }
-            let picked = picked?;
+            if let Err(error) = &picked {
+                if let UpstreamError::AtLimit { .. } = error {
+                    flag(exchange, "endpoints_at_limit");
+                }
+                // The admission never reached a backend: a half-open probe slot goes back.
+                if let Some((admission, breaker)) = &admission {
+                    breaker.state.lock().release(*admission);
+                }
+            }
+            let (picked, reserved) = picked?;
             let attempt_started = otlp::now_nanos();
             if picked.panic {
                 flag(exchange, "panic");
@@ -661,8 +688,11 @@ impl Proxy {
                 host_raw: &host_raw,
                 per_try,
                 deadline,
+                replay: replay.as_ref(),
+                idempotent,
+                unsent: parking_lot::Mutex::new(None),
             };
-            let first = attempt.run(endpoint, body(&mut streamed));
+            let first = attempt.run(endpoint, reserved, body(&mut streamed));
             // Hedging (SPEC UP-8): a safe read whose first attempt is slow gets a second
             // one on another endpoint; the first good response head wins and the other
             // attempt is dropped, which closes its connection.
@@ -680,17 +710,18 @@ impl Proxy {
                     tokio::select! {
                         (result, in_flight, sent_at) = first.as_mut() => (result, endpoint, in_flight, sent_at),
                         () = tokio::time::sleep(hedge_delay(hedge, pool)) => {
-                            let second = pool.pick_for(&pick_context, &tried).ok().filter(|p| !tried.contains(&p.index));
+                            let second = pool.try_reserve(&pick_context, &tried).ok().filter(|(p, _)| !tried.contains(&p.index));
                             match second {
                                 None => {
                                     let (result, in_flight, sent_at) = first.await;
                                     (result, endpoint, in_flight, sent_at)
                                 }
-                                Some(second) => {
+                                Some((second, reserved)) => {
                                     tried.push(second.index);
+                                    route.metrics.hedges_sent.fetch_add(1, Ordering::Relaxed);
                                     flag(exchange, "hedged");
                                     let other = second.endpoint;
-                                    let mut hedged = std::pin::pin!(attempt.run(other, body(&mut streamed)));
+                                    let mut hedged = std::pin::pin!(attempt.run(other, reserved, body(&mut streamed)));
                                     let good = |r: &Result<Response<Incoming>, ProxyError>| {
                                         r.as_ref().is_ok_and(|r| !r.status().is_server_error())
                                     };
@@ -701,11 +732,13 @@ impl Proxy {
                                             } else {
                                                 report(pool, endpoint, &result, None);
                                                 let (result, in_flight, sent_at) = hedged.await;
+                                                route.metrics.hedges_won.fetch_add(1, Ordering::Relaxed);
                                                 (result, other, in_flight, sent_at)
                                             }
                                         }
                                         (result, in_flight, sent_at) = hedged.as_mut() => {
                                             if good(&result) {
+                                                route.metrics.hedges_won.fetch_add(1, Ordering::Relaxed);
                                                 (result, other, in_flight, sent_at)
                                             } else {
                                                 report(pool, other, &result, None);
@@ -726,6 +759,10 @@ impl Proxy {
             }
             let (_, condition) = classify(&result);
             report(pool, endpoint, &result, admission);
+            // A connect failure hands a streamed body back unread: it can go elsewhere.
+            if let Some(unsent) = attempt.unsent.lock().take() {
+                streamed = Some(unsent);
+            }
             if let Some(spans) = exchange.spans.as_mut() {
                 let mut attributes = vec![
                     ("gatehouse.pool", pool.name.to_string()),
@@ -758,9 +795,11 @@ impl Proxy {
             let retryable =
                 status_listed || condition.is_some_and(|condition| retry.on.contains(&condition));
             let safe = idempotent || condition == Some(RetryOn::ConnectFailure);
+            let replayable = replay.is_some()
+                || (condition == Some(RetryOn::ConnectFailure) && streamed.is_some());
             let may_retry = retryable
                 && safe
-                && replay.is_some()
+                && replayable
                 && (tried.len() as u32) <= retry.max_retries
                 && deadline.is_none_or(|deadline| Instant::now() < deadline);
             if !may_retry {
@@ -770,6 +809,10 @@ impl Proxy {
                 }
             }
             if !pool.state.budget_retry(&pool.resilience.budget) {
+                route
+                    .metrics
+                    .budget_exhausted
+                    .fetch_add(1, Ordering::Relaxed);
                 flag(exchange, "retry_budget_exhausted");
                 tracing::debug!(pool = %pool.name, "retry budget exhausted");
                 match result {
@@ -777,6 +820,12 @@ impl Proxy {
                     Err(err) => return Err(err),
                 }
             }
+            let reason = if status_listed {
+                RetryOn::RetriableStatus
+            } else {
+                condition.unwrap_or(RetryOn::ServerError)
+            };
+            route.metrics.retries[metrics::retry_reason(reason)].fetch_add(1, Ordering::Relaxed);
             flag(exchange, "retried");
             // The failed attempt's response (a 5xx head) is dropped unread: nothing of it has
             // reached the client, and its connection closes instead of returning to the pool.
@@ -959,19 +1008,31 @@ fn report(
     pool: &Pool,
     endpoint: &Endpoint,
     result: &Result<Response<Incoming>, ProxyError>,
-    admission: Option<Admission>,
+    admission: Option<(Admission, &Breaker<'_>)>,
 ) {
     let (outcome, _) = classify(result);
     if let Some(outcome) = outcome {
         pool.report(endpoint, outcome);
     }
-    if let (Some(config), Some(admission)) = (&pool.resilience.breaker, admission) {
+    if let Some((admission, breaker)) = admission {
         let failed = outcome.is_some_and(|outcome| outcome != Outcome::Success);
-        let changed = pool.state.breaker.lock().record(config, admission, failed);
+        let changed = breaker
+            .state
+            .lock()
+            .record(breaker.config, admission, failed);
         if let Some(state) = changed {
-            tracing::warn!(pool = %pool.name, state = ?state, "circuit breaker changed state");
+            let route = breaker.route.map_or("", |route| &**route);
+            tracing::warn!(pool = %pool.name, route, state = ?state, "circuit breaker changed state");
         }
     }
+}
+
+/// The circuit breaker a request goes through: the route's own or its pool's.
+struct Breaker<'a> {
+    config: &'a crate::config::CircuitBreakerConfig,
+    state: &'a parking_lot::Mutex<crate::upstream::state::Breaker>,
+    /// Set for a route's own breaker (for the log).
+    route: Option<&'a Arc<str>>,
 }
 
 /// Everything one upstream attempt needs besides its endpoint and body.
@@ -984,52 +1045,53 @@ struct Attempt<'a> {
     host_raw: &'a Option<String>,
     per_try: Duration,
     deadline: Option<Instant>,
+    /// The kept body, when the request can be sent again.
+    replay: Option<&'a Bytes>,
+    /// Whether the request may be repeated (method, or the route's `non_idempotent`).
+    idempotent: bool,
+    /// A streamed body handed back unread because the connection never came up.
+    unsent: parking_lot::Mutex<Option<RequestBody>>,
 }
 
 impl Attempt<'_> {
     /// Sends the request to `endpoint` and waits for the response head under the per-try
-    /// wait and the deadline. The endpoint counts the request in flight until the returned
-    /// guard drops (with the response body, for the winning attempt).
+    /// wait and the deadline. `in_flight` counts the request at the endpoint until it drops
+    /// (with the response body, for the winning attempt).
     async fn run(
         &self,
         endpoint: &Endpoint,
+        in_flight: InFlight,
         body: RequestBody,
     ) -> (Result<Response<Incoming>, ProxyError>, InFlight, Instant) {
-        let in_flight = endpoint.state.start_request();
         endpoint.metrics.attempts.fetch_add(1, Ordering::Relaxed);
         let sent_at = Instant::now();
-        let request = upstream_request(
-            self.parts,
-            self.path_and_query,
-            self.route,
-            self.pool,
-            self.host_raw,
-            &endpoint.address,
-            body,
-        );
-        let (request, progress) = match request {
-            Ok(request) => request,
-            Err(err) => return (Err(err), in_flight, sent_at),
+        // A reused keep-alive connection that the backend closed just as the request went
+        // out fails before any response byte; a repeatable request then goes out once more
+        // on a fresh connection, as nginx and HAProxy do. Not a retry: the route's
+        // conditions and the retry budget are not involved.
+        let again = match self.idempotent {
+            true => self
+                .replay
+                .cloned()
+                .or_else(|| body.is_end_stream().then(Bytes::new)),
+            false => None,
         };
-        let result = response_head(
-            endpoint.connections.send(
-                request,
-                &self.pool.settings,
-                ClientAddrs {
-                    client: self.conn.peer,
-                    local: self.conn.local,
-                },
-            ),
-            &progress,
-            self.per_try,
-            self.deadline,
-        )
-        .await;
+        let mut result = self.send(endpoint, body, false).await;
+        if let (Err(ProxyError::Upstream(UpstreamError::Stale(_))), Some(again)) = (&result, again)
+        {
+            endpoint
+                .metrics
+                .stale_retries
+                .fetch_add(1, Ordering::Relaxed);
+            result = self.send(endpoint, RequestBody::replay(again), true).await;
+        }
         match &result {
             Ok(response) => {
-                endpoint.metrics.response.observe(sent_at.elapsed());
+                let latency = sent_at.elapsed();
+                endpoint.metrics.response.observe(latency);
                 if !response.status().is_server_error() {
-                    self.pool.state.latencies.record(sent_at.elapsed());
+                    self.pool.state.latencies.record(latency);
+                    self.pool.report_latency(endpoint, latency);
                 }
             }
             Err(error) => {
@@ -1039,6 +1101,44 @@ impl Attempt<'_> {
             }
         }
         (result, in_flight, sent_at)
+    }
+
+    async fn send(
+        &self,
+        endpoint: &Endpoint,
+        body: RequestBody,
+        fresh: bool,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (request, progress) = upstream_request(
+            self.parts,
+            self.path_and_query,
+            self.route,
+            self.pool,
+            self.host_raw,
+            &endpoint.address,
+            body,
+        )?;
+        let send = async {
+            let sent = endpoint
+                .connections
+                .send_returning(
+                    request,
+                    &self.pool.settings,
+                    ClientAddrs {
+                        client: self.conn.peer,
+                        local: self.conn.local,
+                    },
+                    fresh,
+                )
+                .await;
+            sent.map_err(|failure| {
+                if let Some(request) = failure.unsent {
+                    *self.unsent.lock() = Some(request.into_body());
+                }
+                failure.error
+            })
+        };
+        response_head(send, &progress, self.per_try, self.deadline).await
     }
 }
 
@@ -1084,7 +1184,7 @@ fn classify(result: &Result<Response<Incoming>, ProxyError>) -> (Option<Outcome>
             | UpstreamError::Handshake { .. }
             | UpstreamError::Tls { .. },
         )) => (Some(Outcome::ConnectFailure), Some(RetryOn::ConnectFailure)),
-        Err(ProxyError::Upstream(UpstreamError::Request(_))) => {
+        Err(ProxyError::Upstream(UpstreamError::Request(_) | UpstreamError::Stale(_))) => {
             (Some(Outcome::Failure), Some(RetryOn::Reset))
         }
         Err(ProxyError::Upstream(UpstreamError::ResponseTimeout(_))) => {

@@ -108,6 +108,8 @@ pub struct Route {
     pub mirror: Option<crate::traffic::mirror::Mirror>,
     /// Header transforms, CORS and compression (SPEC POLICY-5, POLICY-6).
     pub filters: Option<crate::policy::Filters>,
+    /// The route's own breaker for its pool, overriding the pool's (`routes[].circuit_breaker`).
+    pub breaker: Option<crate::upstream::RouteBreaker>,
 }
 
 /// Global HTTP header behaviour, compiled.
@@ -517,11 +519,20 @@ fn compile_route(
         None => None,
     };
     let filters = crate::policy::Filters::compile(route, &path)?;
+    let breaker = match (&route.circuit_breaker, &action) {
+        (Some(config), Action::Forward(pool)) => Some(
+            registries
+                .upstreams
+                .route_breaker(&name, &pool.name, config),
+        ),
+        _ => None,
+    };
     Ok(Route {
         policy,
         split,
         mirror,
         filters,
+        breaker,
         name,
         metrics,
         action,
@@ -593,8 +604,10 @@ impl Publisher {
             Ok(snapshot) => Arc::new(snapshot),
             Err(err) => {
                 // Forget registry entries the rejected config created.
-                upstreams.retain(&self.current.load().config.pools);
-                self.registries.traffic.retain(&self.current.load().config);
+                let current = self.current.load();
+                upstreams.retain(&current.config.pools);
+                upstreams.retain_route_breakers(&current.config.routes);
+                self.registries.traffic.retain(&current.config);
                 return Err(err);
             }
         };
@@ -603,6 +616,7 @@ impl Publisher {
         self.current.store(snapshot.clone());
         upstreams.retain(&pools);
         self.registries.traffic.retain(&snapshot.config);
+        upstreams.retain_route_breakers(&snapshot.config.routes);
         upstreams.start_checks(snapshot.pools.values());
         Ok(snapshot)
     }

@@ -106,6 +106,27 @@ impl Histogram {
     }
 }
 
+/// Why a retry was made, as the `reason` label (the route's `retry.on` conditions).
+pub const RETRY_REASONS: [&str; 5] = [
+    "connect_failure",
+    "reset",
+    "per_try_timeout",
+    "5xx",
+    "retriable_status",
+];
+
+/// The index into `RETRY_REASONS` of a retry condition.
+pub fn retry_reason(on: crate::config::RetryOn) -> usize {
+    use crate::config::RetryOn;
+    match on {
+        RetryOn::ConnectFailure => 0,
+        RetryOn::Reset => 1,
+        RetryOn::PerTryTimeout => 2,
+        RetryOn::ServerError => 3,
+        RetryOn::RetriableStatus => 4,
+    }
+}
+
 /// The series of one (route, pool) label set.
 pub struct RouteMetrics {
     route: Arc<str>,
@@ -114,6 +135,13 @@ pub struct RouteMetrics {
     pub duration: Histogram,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Retries made, by `RETRY_REASONS` index.
+    pub retries: [AtomicU64; RETRY_REASONS.len()],
+    /// Retries the pool's retry budget refused.
+    pub budget_exhausted: AtomicU64,
+    /// Hedged second attempts sent, and those whose response was used.
+    pub hedges_sent: AtomicU64,
+    pub hedges_won: AtomicU64,
 }
 
 impl RouteMetrics {
@@ -125,6 +153,10 @@ impl RouteMetrics {
             duration: Histogram::default(),
             bytes_in: AtomicU64::new(0),
             bytes_out: AtomicU64::new(0),
+            retries: std::array::from_fn(|_| AtomicU64::new(0)),
+            budget_exhausted: AtomicU64::new(0),
+            hedges_sent: AtomicU64::new(0),
+            hedges_won: AtomicU64::new(0),
         }
     }
 
@@ -171,12 +203,34 @@ impl UpstreamFailure {
     }
 }
 
+/// A per-pool counter family: name, type, help, and the counter it reads.
+type PoolCounterFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&crate::upstream::state::PoolCounters) -> &AtomicU64,
+);
+
+/// Why an endpoint was ejected, as the `kind` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// Passive health: consecutive connect failures.
+    Passive,
+    /// Outlier detection: consecutive failures or failure rate.
+    Outlier,
+}
+
 /// The series of one (pool, endpoint) label set.
 pub struct EndpointMetrics {
     pool: Arc<str>,
     endpoint: Arc<str>,
     pub attempts: AtomicU64,
     errors: [AtomicU64; 3],
+    /// Requests sent again on a fresh connection after a reused one failed before a
+    /// response (the backend closed it as the request arrived).
+    pub stale_retries: AtomicU64,
+    /// Ejections, passive and outlier.
+    ejections: [AtomicU64; 2],
     /// From sending the request to its response head.
     pub response: Histogram,
     /// New connections: TCP connect plus PROXY header and TLS handshake.
@@ -192,6 +246,8 @@ impl EndpointMetrics {
             endpoint,
             attempts: AtomicU64::new(0),
             errors: std::array::from_fn(|_| AtomicU64::new(0)),
+            stale_retries: AtomicU64::new(0),
+            ejections: std::array::from_fn(|_| AtomicU64::new(0)),
             response: Histogram::default(),
             connect: Histogram::default(),
             idle: Mutex::new(std::sync::Weak::new()),
@@ -204,6 +260,15 @@ impl EndpointMetrics {
             .position(|k| *k == kind)
             .unwrap_or(0);
         self.errors[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn ejected(&self, kind: Ejection) {
+        self.ejections[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Whether this endpoint has its own label set (not folded into `other` by the cap).
+    pub fn is_own(&self) -> bool {
+        !(&*self.pool == OTHER && &*self.endpoint == OTHER)
     }
 
     pub fn errors(&self, kind: UpstreamFailure) -> u64 {
@@ -391,6 +456,11 @@ pub struct Scrape {
     pub access_log_dropped: u64,
     /// Split targets and mirrors (`traffic::TrafficRegistry::metric_rows`).
     pub traffic: Vec<TrafficRow>,
+    /// The running snapshot's pools, for their live resilience state.
+    pub pools: Vec<Arc<crate::upstream::Pool>>,
+    /// Routes with their own circuit breaker: (route, pool, state code as in
+    /// `Breaker::code`).
+    pub route_breakers: Vec<(Arc<str>, Arc<str>, u8)>,
 }
 
 /// One (route, pool) of a weighted split or a mirror, for the exposition.
@@ -583,7 +653,177 @@ impl Metrics {
         self.render_endpoints(&mut out);
         self.render_policy(&mut out);
         render_traffic(&mut out, &scrape.traffic);
+        self.render_pools(&mut out, &scrape.pools);
+        family(
+            &mut out,
+            "gatehouse_upstream_route_circuit_breaker_state",
+            "gauge",
+            "State of routes' own circuit breakers (routes[].circuit_breaker): 0 closed, 1 open, 2 half-open.",
+        );
+        let cap = self.max_routes.load(Ordering::Relaxed);
+        for (route, pool, code) in scrape.route_breakers.iter().take(cap) {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_route_circuit_breaker_state{{route=\"{}\",pool=\"{}\"}} {code}",
+                escape(route),
+                escape(pool)
+            );
+        }
         out
+    }
+
+    /// Live pool state read at scrape time (SPEC OPS-1: endpoint health, breaker state,
+    /// panic mode, overload). Pools come from the config, and at most `max_endpoints` of
+    /// them (by name) are shown; endpoint series follow the endpoint label cap.
+    fn render_pools(&self, out: &mut String, pools: &[Arc<crate::upstream::Pool>]) {
+        let mut pools: Vec<&Arc<crate::upstream::Pool>> = pools.iter().collect();
+        pools.sort_by(|a, b| a.name.cmp(&b.name));
+        pools.truncate(self.max_endpoints.load(Ordering::Relaxed));
+        let now = crate::upstream::state::now_ms();
+        family(
+            out,
+            "gatehouse_upstream_endpoint_state",
+            "gauge",
+            "Endpoint condition, one-hot: healthy (in rotation), unhealthy (failing active checks), ejected (passive or outlier), draining.",
+        );
+        for pool in &pools {
+            for endpoint in pool.endpoints() {
+                if !endpoint.metrics.is_own() {
+                    continue;
+                }
+                let current = crate::upstream::Pool::endpoint_condition(endpoint, now);
+                for state in ["healthy", "unhealthy", "ejected", "draining"] {
+                    let _ = writeln!(
+                        out,
+                        "gatehouse_upstream_endpoint_state{{pool=\"{}\",endpoint=\"{}\",state=\"{state}\"}} {}",
+                        escape(&pool.name),
+                        escape(&endpoint.address),
+                        u8::from(state == current)
+                    );
+                }
+            }
+        }
+        family(
+            out,
+            "gatehouse_upstream_endpoint_in_flight",
+            "gauge",
+            "Requests in flight to an endpoint (until their response body ends).",
+        );
+        for pool in &pools {
+            for endpoint in pool.endpoints() {
+                if endpoint.metrics.is_own() {
+                    let _ = writeln!(
+                        out,
+                        "gatehouse_upstream_endpoint_in_flight{{pool=\"{}\",endpoint=\"{}\"}} {}",
+                        escape(&pool.name),
+                        escape(&endpoint.address),
+                        endpoint.state.in_flight()
+                    );
+                }
+            }
+        }
+        family(
+            out,
+            "gatehouse_upstream_circuit_breaker_state",
+            "gauge",
+            "Circuit breaker state of pools that have one: 0 closed, 1 open, 2 half-open.",
+        );
+        for pool in &pools {
+            if let Some(code) = pool.breaker_code() {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_upstream_circuit_breaker_state{{pool=\"{}\"}} {code}",
+                    escape(&pool.name)
+                );
+            }
+        }
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        let per_pool: [PoolCounterFamily; 3] = [
+            (
+                "gatehouse_upstream_circuit_rejections_total",
+                "counter",
+                "Requests answered 503 by an open (or probing) circuit breaker.",
+                |c| &c.circuit_rejections,
+            ),
+            (
+                "gatehouse_upstream_panic_events_total",
+                "counter",
+                "Times the pool entered panic mode (too few endpoints in rotation).",
+                |c| &c.panic_events,
+            ),
+            (
+                "gatehouse_upstream_panic_picks_total",
+                "counter",
+                "Endpoints picked in panic mode (over all non-draining endpoints).",
+                |c| &c.panic_picks,
+            ),
+        ];
+        for (name, kind, help, counter) in per_pool {
+            family(out, name, kind, help);
+            for pool in &pools {
+                let _ = writeln!(
+                    out,
+                    "{name}{{pool=\"{}\"}} {}",
+                    escape(&pool.name),
+                    load(counter(&pool.state.counters))
+                );
+            }
+        }
+        family(
+            out,
+            "gatehouse_upstream_panic_mode",
+            "gauge",
+            "1 while the pool is in panic mode.",
+        );
+        for pool in &pools {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_panic_mode{{pool=\"{}\"}} {}",
+                escape(&pool.name),
+                u8::from(pool.state.panicking.load(Ordering::Relaxed))
+            );
+        }
+        family(
+            out,
+            "gatehouse_upstream_overload_rejections_total",
+            "counter",
+            "Requests answered 503 by overload protection, by reason: queue_full / queue_timeout (the pool's concurrency limit), endpoints_at_limit (every endpoint at max_connections_per_endpoint).",
+        );
+        for pool in &pools {
+            let counters = &pool.state.counters;
+            for (reason, counter) in [
+                ("queue_full", &counters.overload_queue_full),
+                ("queue_timeout", &counters.overload_queue_timeouts),
+                ("endpoints_at_limit", &counters.connection_limit_rejections),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_upstream_overload_rejections_total{{pool=\"{}\",reason=\"{reason}\"}} {}",
+                    escape(&pool.name),
+                    load(counter)
+                );
+            }
+        }
+        family(
+            out,
+            "gatehouse_upstream_queue_waits_total",
+            "counter",
+            "Requests that had to wait in a queue, by queue: concurrency (the pool's limit) or connection (max_connections_per_endpoint).",
+        );
+        for pool in &pools {
+            let counters = &pool.state.counters;
+            for (queue, counter) in [
+                ("concurrency", &counters.overload_queue_waits),
+                ("connection", &counters.connection_queue_waits),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_upstream_queue_waits_total{{pool=\"{}\",queue=\"{queue}\"}} {}",
+                    escape(&pool.name),
+                    load(counter)
+                );
+            }
+        }
     }
 
     fn render_process(&self, out: &mut String, scrape: &Scrape) {
@@ -741,6 +981,58 @@ impl Metrics {
                 series.bytes_out.load(Ordering::Relaxed)
             );
         }
+        // Upstream resilience per route: only routes that forward (their pool is named).
+        let forwarding: Vec<(&Arc<RouteMetrics>, &String)> = routes
+            .iter()
+            .zip(&labels)
+            .filter(|(series, _)| !series.pool.is_empty())
+            .collect();
+        family(
+            out,
+            "gatehouse_upstream_retries_total",
+            "counter",
+            "Retries made, by route, pool and reason (the retry condition met).",
+        );
+        for (series, labels) in &forwarding {
+            for (index, reason) in RETRY_REASONS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_upstream_retries_total{{{labels},reason=\"{reason}\"}} {}",
+                    series.retries[index].load(Ordering::Relaxed)
+                );
+            }
+        }
+        family(
+            out,
+            "gatehouse_upstream_retry_budget_exhausted_total",
+            "counter",
+            "Retries refused because the pool's retry budget was spent, by route and pool.",
+        );
+        for (series, labels) in &forwarding {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_retry_budget_exhausted_total{{{labels}}} {}",
+                series.budget_exhausted.load(Ordering::Relaxed)
+            );
+        }
+        family(
+            out,
+            "gatehouse_upstream_hedges_total",
+            "counter",
+            "Hedged second attempts, by route, pool and result: sent, won (its response was used).",
+        );
+        for (series, labels) in &forwarding {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_hedges_total{{{labels},result=\"sent\"}} {}",
+                series.hedges_sent.load(Ordering::Relaxed)
+            );
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_hedges_total{{{labels},result=\"won\"}} {}",
+                series.hedges_won.load(Ordering::Relaxed)
+            );
+        }
     }
 
     fn render_endpoints(&self, out: &mut String) {
@@ -788,6 +1080,34 @@ impl Metrics {
                     series.errors(kind)
                 );
             }
+        }
+        family(
+            out,
+            "gatehouse_upstream_ejections_total",
+            "counter",
+            "Endpoint ejections, by kind: passive (consecutive connect failures) or outlier (outlier detection).",
+        );
+        for (series, labels) in endpoints.iter().zip(&labels) {
+            for (index, kind) in ["passive", "outlier"].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "gatehouse_upstream_ejections_total{{{labels},kind=\"{kind}\"}} {}",
+                    series.ejections[index].load(Ordering::Relaxed)
+                );
+            }
+        }
+        family(
+            out,
+            "gatehouse_upstream_stale_connection_retries_total",
+            "counter",
+            "Requests sent again on a fresh connection after a reused keep-alive connection failed before any response byte.",
+        );
+        for (series, labels) in endpoints.iter().zip(&labels) {
+            let _ = writeln!(
+                out,
+                "gatehouse_upstream_stale_connection_retries_total{{{labels}}} {}",
+                series.stale_retries.load(Ordering::Relaxed)
+            );
         }
         family(
             out,

@@ -253,6 +253,24 @@ fn host_of(address: &str) -> &str {
     }
 }
 
+/// A blocking-client TLS config (the span exporter's): the CAs of the PEM bundle at `ca`,
+/// or the system's roots.
+pub fn client_config(ca: Option<&str>) -> Result<Arc<ClientConfig>, TlsError> {
+    let roots = match ca {
+        Some(path) => load_roots(path)?,
+        None => system_roots(),
+    };
+    let config = ClientConfig::builder_with_provider(Arc::new(provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|source| TlsError::Rustls {
+            context: "client TLS",
+            source,
+        })?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 fn system_roots() -> RootCertStore {
     let mut roots = RootCertStore::empty();
     let loaded = rustls_native_certs::load_native_certs();

@@ -56,6 +56,31 @@ pub struct ConnSettings {
     pub max_requests: Option<u32>,
     /// Age after which a connection takes no new requests; `None`: unlimited.
     pub max_lifetime: Option<Duration>,
+    /// Open HTTP/1.1 connections to the endpoint, busy or idle; 0: unlimited.
+    pub max_connections: usize,
+}
+
+/// A request `send` could not hand to a connection, returned with its error so the caller
+/// can send it elsewhere (a streamed body not yet read is not lost to a connect failure).
+pub struct SendFailure {
+    pub error: UpstreamError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl From<UpstreamError> for SendFailure {
+    fn from(error: UpstreamError) -> Self {
+        SendFailure {
+            error,
+            unsent: None,
+        }
+    }
+}
+
+/// What `wait_for_connection` found: a connection ready for the request, or a permit to
+/// open a new one.
+enum Freed {
+    Ready((http1::SendRequest<RequestBody>, Instant, u32)),
+    Permit(tokio::sync::OwnedSemaphorePermit),
 }
 
 /// An HTTP/1.1 connection that is not carrying a request for us: idle, or still finishing
@@ -120,6 +145,10 @@ pub struct Connections {
     generation: AtomicU64,
     /// The DNS refresh task and its interval.
     pub(super) refresher: Mutex<Option<(Duration, tokio::task::AbortHandle)>>,
+    /// With `max_connections`: one permit per open HTTP/1.1 connection, held by the task
+    /// driving it. A changed limit starts a new semaphore (connections of the old one
+    /// keep their permits until they close).
+    slots: Mutex<Option<(usize, Arc<tokio::sync::Semaphore>)>>,
 }
 
 impl Connections {
@@ -141,6 +170,7 @@ impl Connections {
             generation: AtomicU64::new(0),
             refresher: Mutex::new(None),
             metrics: None,
+            slots: Mutex::new(None),
         }
     }
 
@@ -213,13 +243,46 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
     ) -> Result<Response<Incoming>, UpstreamError> {
+        self.send_returning(request, settings, addrs, false)
+            .await
+            .map_err(|failure| failure.error)
+    }
+
+    /// `send`, handing the request back when it never reached a connection (connect,
+    /// handshake or TLS failure). `fresh` skips pooled connections.
+    pub async fn send_returning(
+        self: &Arc<Self>,
+        request: Request<RequestBody>,
+        settings: &ConnSettings,
+        addrs: ClientAddrs,
+        fresh: bool,
+    ) -> Result<Response<Incoming>, SendFailure> {
         // Connections that began with a PROXY header carry one client's address.
         let owner = self.transport.proxy_protocol.map(|_| addrs.client);
         match &self.conns {
-            Conns::Http1(pool) => self.send_http1(pool, request, settings, addrs, owner).await,
+            Conns::Http1(pool) => {
+                self.send_http1(pool, request, settings, addrs, owner, fresh)
+                    .await
+            }
             Conns::H2 { shared, dialing } => {
                 self.send_h2(shared, dialing, request, settings, addrs, owner)
                     .await
+            }
+        }
+    }
+
+    /// The semaphore of open-connection permits for `max_connections`, if limited.
+    fn slots(&self, max: usize) -> Option<Arc<tokio::sync::Semaphore>> {
+        if max == 0 {
+            return None;
+        }
+        let mut slots = self.slots.lock();
+        match &*slots {
+            Some((current, semaphore)) if *current == max => Some(semaphore.clone()),
+            _ => {
+                let semaphore = Arc::new(tokio::sync::Semaphore::new(max));
+                *slots = Some((max, semaphore.clone()));
+                Some(semaphore)
             }
         }
     }
@@ -231,31 +294,75 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        fresh: bool,
+    ) -> Result<Response<Incoming>, SendFailure> {
         // A pooled connection may have been closed by the backend a moment ago; hyper hands
         // the request back when it was not written, and it goes out on a fresh connection.
-        while let Some((mut sender, born, served)) = self.checkout_idle(pool, settings, owner) {
-            match sender.try_send_request(request).await {
-                Ok(response) => {
-                    self.recycle(sender, settings, owner, born, served + 1);
-                    return Ok(response);
+        // Once written, the error says the reused connection failed (`Stale`), so the
+        // caller can send a safe request again on a fresh one.
+        let mut reusable = if fresh {
+            None
+        } else {
+            self.checkout_idle(pool, settings, owner)
+        };
+        let slots = self.slots(settings.max_connections);
+        let permit = loop {
+            if let Some((mut sender, born, served)) = reusable.take() {
+                match sender.try_send_request(request).await {
+                    Ok(response) => {
+                        self.recycle(sender, settings, owner, born, served + 1);
+                        return Ok(response);
+                    }
+                    Err(mut err) => match err.take_message() {
+                        Some(returned) => request = returned,
+                        None => return Err(UpstreamError::Stale(err.into_error()).into()),
+                    },
                 }
-                Err(mut err) => match err.take_message() {
-                    Some(returned) => request = returned,
-                    None => return Err(UpstreamError::Request(err.into_error())),
-                },
+                reusable = self.checkout_idle(pool, settings, owner);
+                continue;
             }
-        }
-        let io = self.dial(settings, addrs).await?;
-        let (mut sender, connection) =
-            http1::Builder::new()
-                .handshake(io)
-                .await
-                .map_err(|source| UpstreamError::Handshake {
-                    address: self.address.clone(),
-                    source,
-                })?;
-        drive(connection.with_upgrades(), "HTTP/1");
+            let Some(slots) = &slots else {
+                break None;
+            };
+            if let Ok(permit) = slots.clone().try_acquire_owned() {
+                break Some(permit);
+            }
+            // Every allowed connection is open: wait for one to finish its exchange, or
+            // to close. Requests in flight are capped at the same number (`Pool::reserve`),
+            // so one of them is about to become free.
+            match self.wait_for_connection(pool, slots, settings, owner).await {
+                Ok(Freed::Permit(permit)) => break Some(permit),
+                Ok(Freed::Ready(conn)) => reusable = Some(conn),
+                Err(error) => {
+                    return Err(SendFailure {
+                        error,
+                        unsent: Some(request),
+                    })
+                }
+            }
+        };
+        let io = match self.dial(settings, addrs).await {
+            Ok(io) => io,
+            Err(error) => {
+                return Err(SendFailure {
+                    error,
+                    unsent: Some(request),
+                })
+            }
+        };
+        let (mut sender, connection) = match http1::Builder::new().handshake(io).await {
+            Ok(handshake) => handshake,
+            Err(source) => {
+                return Err(SendFailure {
+                    error: UpstreamError::Handshake {
+                        address: self.address.clone(),
+                        source,
+                    },
+                    unsent: Some(request),
+                })
+            }
+        };
+        drive(connection.with_upgrades(), "HTTP/1", permit);
         let born = Instant::now();
         let response = sender
             .send_request(request)
@@ -263,6 +370,51 @@ impl Connections {
             .map_err(UpstreamError::Request)?;
         self.recycle(sender, settings, owner, born, 1);
         Ok(response)
+    }
+
+    /// Waits, within the connect timeout, until a parked connection finishes its exchange
+    /// (ready for this request) or a connection closes (its permit is free for a new one).
+    async fn wait_for_connection(
+        &self,
+        pool: &Mutex<Http1Pool>,
+        slots: &Arc<tokio::sync::Semaphore>,
+        settings: &ConnSettings,
+        owner: Option<SocketAddr>,
+    ) -> Result<Freed, UpstreamError> {
+        let wait = async {
+            loop {
+                let busy = {
+                    let mut pool = pool.lock();
+                    let found = pool.parked.iter().rposition(|conn| {
+                        conn.client == owner
+                            && !conn.sender.is_closed()
+                            && conn.generation == self.generation.load(Ordering::Acquire)
+                    });
+                    found.map(|index| pool.parked.swap_remove(index))
+                };
+                let Some(mut busy) = busy else {
+                    return slots.clone().acquire_owned().await.map(Freed::Permit).ok();
+                };
+                tokio::select! {
+                    ready = busy.sender.ready() => {
+                        if ready.is_ok() {
+                            return Some(Freed::Ready((busy.sender, busy.born, busy.served)));
+                        }
+                        // It closed: its permit comes free; look again.
+                    }
+                    permit = slots.clone().acquire_owned() => {
+                        pool.lock().parked.push(busy);
+                        return permit.map(Freed::Permit).ok();
+                    }
+                }
+            }
+        };
+        match tokio::time::timeout(settings.connect_timeout, wait).await {
+            Ok(Some(freed)) => Ok(freed),
+            _ => Err(UpstreamError::ConnectTimeout {
+                address: self.address.clone(),
+            }),
+        }
     }
 
     /// The most recently parked connection that is ready for a request and not past its
@@ -339,7 +491,7 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<Incoming>, SendFailure> {
         let mut sender = match self.live_h2(shared, owner, settings) {
             Some(sender) => sender,
             None => {
@@ -347,7 +499,15 @@ impl Connections {
                 match self.live_h2(shared, owner, settings) {
                     Some(sender) => sender,
                     None => {
-                        let sender = self.dial_h2(settings, addrs).await?;
+                        let sender = match self.dial_h2(settings, addrs).await {
+                            Ok(sender) => sender,
+                            Err(error) => {
+                                return Err(SendFailure {
+                                    error,
+                                    unsent: Some(request),
+                                })
+                            }
+                        };
                         let mut shared = shared.lock();
                         if shared.len() >= settings.max_idle.max(1) {
                             shared.remove(0);
@@ -364,10 +524,10 @@ impl Connections {
             }
         };
         sender.ready().await.map_err(UpstreamError::Request)?;
-        sender
+        Ok(sender
             .send_request(request)
             .await
-            .map_err(UpstreamError::Request)
+            .map_err(UpstreamError::Request)?)
     }
 
     fn live_h2(
@@ -410,7 +570,7 @@ impl Connections {
                 address: self.address.clone(),
                 source,
             })?;
-        drive(connection, "HTTP/2");
+        drive(connection, "HTTP/2", None);
         Ok(sender)
     }
 
@@ -502,7 +662,7 @@ impl Connections {
                     .handshake(io)
                     .await
                     .ok()?;
-                drive(connection, "HTTP/2 health check");
+                drive(connection, "HTTP/2 health check", None);
                 sender.send_request(request).await.ok()?.status()
             } else {
                 let request = Request::get(config.path.as_str())
@@ -511,7 +671,7 @@ impl Connections {
                     .body(RequestBody::empty())
                     .ok()?;
                 let (mut sender, connection) = http1::Builder::new().handshake(io).await.ok()?;
-                drive(connection, "HTTP/1 health check");
+                drive(connection, "HTTP/1 health check", None);
                 sender.send_request(request).await.ok()?.status()
             };
             let [low, high] = config.expected_status;
@@ -546,15 +706,18 @@ impl Drop for Connections {
     }
 }
 
-/// Runs an upstream connection's I/O in the background until it closes.
+/// Runs an upstream connection's I/O in the background until it closes; its connection
+/// permit (with `max_connections`) is released when it does.
 fn drive(
     connection: impl std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
     protocol: &'static str,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
     tokio::spawn(async move {
         if let Err(err) = connection.await {
             tracing::debug!(error = %err, protocol, "upstream connection ended with an error");
         }
+        drop(permit);
     });
 }
 
@@ -675,6 +838,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             max_requests,
             max_lifetime: None,
+            max_connections: 0,
         }
     }
 

@@ -22,11 +22,13 @@ use parking_lot::Mutex;
 use balancer::Balancer;
 pub use balancer::{hash64, HashRing, PickContext};
 pub use conn::{ClientAddrs, ConnSettings, Connections, Transport};
-pub use state::{Admission, BreakerState, EndpointState, InFlight, LimitError, Outcome, PoolState};
+pub use state::{
+    Admission, BreakerState, Capacity, EndpointState, InFlight, LimitError, Outcome, PoolState,
+};
 
 use crate::config::{
-    CircuitBreakerConfig, ConcurrencyConfig, HealthCheckConfig, OutlierConfig, PassiveHealthConfig,
-    PoolConfig, RetryBudgetConfig, UpstreamProtocol,
+    CircuitBreakerConfig, ConcurrencyConfig, ConnectionQueueConfig, HealthCheckConfig,
+    OutlierConfig, PassiveHealthConfig, PoolConfig, RetryBudgetConfig, UpstreamProtocol,
 };
 use crate::tls::{TlsError, UpstreamTlsConnector};
 
@@ -50,10 +52,16 @@ pub enum UpstreamError {
     Tls { address: Arc<str>, message: String },
     #[error("upstream request failed: {0}")]
     Request(#[source] hyper::Error),
+    /// A reused keep-alive connection failed before any response byte: the backend closed
+    /// it as the request arrived. Safe requests go out again on a fresh connection.
+    #[error("reused upstream connection closed before a response: {0}")]
+    Stale(#[source] hyper::Error),
     #[error("no response header within {0:?}")]
     ResponseTimeout(std::time::Duration),
     #[error("pool {0} has no endpoint")]
     NoEndpoint(Arc<str>),
+    #[error("every endpoint of pool {pool} is at its connection limit: {reason}")]
+    AtLimit { pool: Arc<str>, reason: LimitError },
 }
 
 pub struct Endpoint {
@@ -78,6 +86,9 @@ pub struct Resilience {
     pub panic_threshold: u32,
     /// How often endpoint host names are resolved again; `None`: per new connection only.
     pub dns_refresh: Option<Duration>,
+    /// Requests in flight per endpoint (and HTTP/1.1 connections); 0: unlimited.
+    pub max_per_endpoint: usize,
+    pub connection_queue: ConnectionQueueConfig,
 }
 
 pub struct Pool {
@@ -138,6 +149,10 @@ impl Pool {
         }
         if panic != self.state.panicking.swap(panic, Ordering::Relaxed) {
             if panic {
+                self.state
+                    .counters
+                    .panic_events
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pool = %self.name, available, serving, "panic mode: too few endpoints available; balancing over all of them");
             } else {
                 tracing::info!(pool = %self.name, available, serving, "panic mode over");
@@ -150,8 +165,11 @@ impl Pool {
                 .fetch_add(1, Ordering::Relaxed);
         }
         let endpoints = &self.endpoints;
-        let in_rotation =
+        let cap = self.resilience.max_per_endpoint;
+        let has_room = |i: usize| cap == 0 || endpoints[i].state.in_flight() < cap;
+        let eligible =
             |i: usize| !endpoints[i].draining && (panic || endpoints[i].state.available(now));
+        let in_rotation = |i: usize| eligible(i) && has_room(i);
         let untried = |i: usize| in_rotation(i) && !tried.contains(&i);
         let index = if self.endpoints.len() == 1 {
             in_rotation(0).then_some(0)
@@ -163,7 +181,16 @@ impl Pool {
                 self.balancer.pick(endpoints, ctx, &in_rotation)
             }
         };
-        let index = index.ok_or_else(|| UpstreamError::NoEndpoint(self.name.clone()))?;
+        let index = index.ok_or_else(|| {
+            if cap > 0 && (0..endpoints.len()).any(eligible) {
+                UpstreamError::AtLimit {
+                    pool: self.name.clone(),
+                    reason: LimitError::QueueFull(0),
+                }
+            } else {
+                UpstreamError::NoEndpoint(self.name.clone())
+            }
+        })?;
         Ok(Picked {
             index,
             endpoint: &self.endpoints[index],
@@ -173,6 +200,98 @@ impl Pool {
 
     pub fn endpoints(&self) -> &[Endpoint] {
         &self.endpoints
+    }
+
+    /// Picks an endpoint and counts the request in flight there, within the endpoint's
+    /// connection limit; `AtLimit` when every candidate is at it.
+    pub fn try_reserve(
+        &self,
+        ctx: &PickContext<'_>,
+        tried: &[usize],
+    ) -> Result<(Picked<'_>, InFlight), UpstreamError> {
+        let cap = self.resilience.max_per_endpoint;
+        if cap == 0 {
+            let picked = self.pick_for(ctx, tried)?;
+            let in_flight = picked.endpoint.state.start_request();
+            return Ok((picked, in_flight));
+        }
+        // Another request may take the last slot between the pick and the count; pick again
+        // (a bounded number of times: each loss means some endpoint just filled up).
+        for _ in 0..=self.endpoints.len() {
+            let picked = self.pick_for(ctx, tried)?;
+            if let Some(in_flight) = picked.endpoint.state.try_start_request(cap) {
+                return Ok((picked, in_flight));
+            }
+        }
+        Err(UpstreamError::AtLimit {
+            pool: self.name.clone(),
+            reason: LimitError::QueueFull(0),
+        })
+    }
+
+    /// `try_reserve`, waiting in the pool's bounded connection queue while every endpoint is
+    /// at its connection limit (SPEC UP-3, HAProxy's `maxconn` + `timeout queue`).
+    pub async fn reserve(
+        &self,
+        ctx: &PickContext<'_>,
+        tried: &[usize],
+    ) -> Result<(Picked<'_>, InFlight), UpstreamError> {
+        match self.try_reserve(ctx, tried) {
+            Err(UpstreamError::AtLimit { .. }) => {}
+            other => return other,
+        }
+        let queue = &self.resilience.connection_queue;
+        let counters = &self.state.counters;
+        let full = |reason| {
+            counters
+                .connection_limit_rejections
+                .fetch_add(1, Ordering::Relaxed);
+            UpstreamError::AtLimit {
+                pool: self.name.clone(),
+                reason,
+            }
+        };
+        let capacity = &self.state.capacity;
+        let Some(_queued) = capacity.enqueue(queue.max_queue) else {
+            return Err(full(LimitError::QueueFull(queue.max_queue)));
+        };
+        counters
+            .connection_queue_waits
+            .fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + queue.queue_timeout.0;
+        loop {
+            let freed = capacity.freed();
+            let mut freed = std::pin::pin!(freed);
+            freed.as_mut().enable();
+            match self.try_reserve(ctx, tried) {
+                Err(UpstreamError::AtLimit { .. }) => {}
+                other => return other,
+            }
+            if tokio::time::timeout_at(deadline, freed).await.is_err() {
+                return Err(full(LimitError::QueueTimeout(queue.queue_timeout.0)));
+            }
+        }
+    }
+
+    /// The breaker's state for metrics: 0 closed, 1 open, 2 half-open (an open breaker
+    /// whose `open_for` has passed admits probes at its next request); `None` without one.
+    pub fn breaker_code(&self) -> Option<u8> {
+        self.resilience.breaker.as_ref()?;
+        Some(self.state.breaker.lock().code())
+    }
+
+    /// Why an endpoint is or is not in rotation: `healthy` (in rotation), `draining`,
+    /// `unhealthy` (failing active checks) or `ejected` (passive or outlier).
+    pub fn endpoint_condition(endpoint: &Endpoint, now: u64) -> &'static str {
+        if endpoint.draining {
+            "draining"
+        } else if !endpoint.state.active_healthy() {
+            "unhealthy"
+        } else if !endpoint.state.available(now) {
+            "ejected"
+        } else {
+            "healthy"
+        }
     }
 
     /// The pool's live state for the admin API's `/status`: breaker, counters, and per
@@ -210,10 +329,68 @@ impl Pool {
                 "retry_budget_exhausted": load(&counters.budget_exhausted),
                 "circuit_rejections": load(&counters.circuit_rejections),
                 "overload_rejections": load(&counters.overload_rejections),
+                "connection_queue_waits": load(&counters.connection_queue_waits),
+                "connection_limit_rejections": load(&counters.connection_limit_rejections),
                 "panic_picks": load(&counters.panic_picks),
             },
             "endpoints": endpoints,
         })
+    }
+
+    /// Latency outlier detection (SPEC UP-5): records a response's head latency and ejects
+    /// the endpoint when its mean over the interval reaches `latency_percent` of the
+    /// median of the pool's endpoint means (the lower median; at least two endpoints with
+    /// `latency_min_requests` responses each are needed to judge).
+    pub fn report_latency(&self, endpoint: &Endpoint, latency: Duration) {
+        let Some(outlier) = self
+            .resilience
+            .outlier
+            .as_ref()
+            .filter(|outlier| outlier.latency_percent > 0)
+        else {
+            return;
+        };
+        let window = outlier.interval.0;
+        let Some(mean) =
+            endpoint
+                .state
+                .record_latency(latency, window, outlier.latency_min_requests)
+        else {
+            return;
+        };
+        let mut means: Vec<u64> = self
+            .endpoints
+            .iter()
+            .filter_map(|e| e.state.mean_latency(window, outlier.latency_min_requests))
+            .collect();
+        if means.len() < 2 {
+            return;
+        }
+        let rank = (means.len() - 1) / 2;
+        let (_, median, _) = means.select_nth_unstable(rank);
+        let median = (*median).max(1);
+        if u128::from(mean) * 100 < u128::from(median) * u128::from(outlier.latency_percent) {
+            return;
+        }
+        let now = state::now_ms();
+        let may_eject = || {
+            let ejected = self
+                .endpoints
+                .iter()
+                .filter(|e| e.state.is_outlier_ejected(now))
+                .count();
+            (ejected + 1) * 100 <= outlier.max_ejection_percent as usize * self.endpoints.len()
+        };
+        if let Some(period) = endpoint.state.eject_outlier(
+            outlier.base_ejection_time.0,
+            outlier.max_ejection_time.0,
+            may_eject,
+        ) {
+            endpoint
+                .metrics
+                .ejected(crate::telemetry::metrics::Ejection::Outlier);
+            tracing::warn!(pool = %self.name, endpoint = %endpoint.address, mean_ms = mean / 1000, median_ms = median / 1000, ejection_ms = period.as_millis() as u64, "endpoint ejected: latency outlier");
+        }
     }
 
     /// Feeds one attempt's outcome to passive health and outlier detection.
@@ -226,6 +403,9 @@ impl Pool {
                     passive.consecutive_failures,
                     passive.ejection_time.0,
                 ) {
+                    endpoint
+                        .metrics
+                        .ejected(crate::telemetry::metrics::Ejection::Passive);
                     tracing::warn!(pool = %self.name, endpoint = %endpoint.address, ejection_ms = period.as_millis() as u64, "endpoint ejected: consecutive connect failures");
                 }
             }
@@ -265,6 +445,9 @@ impl Pool {
             outlier.max_ejection_time.0,
             may_eject,
         ) {
+            endpoint
+                .metrics
+                .ejected(crate::telemetry::metrics::Ejection::Outlier);
             tracing::warn!(pool = %self.name, endpoint = %endpoint.address, ejection_ms = period.as_millis() as u64, "endpoint ejected: outlier (consecutive failures or failure rate)");
         }
     }
@@ -287,11 +470,23 @@ struct Slot {
     state: Arc<EndpointState>,
 }
 
+/// Route name and pool name.
+type RouteBreakerKey = (Arc<str>, Arc<str>);
+
+/// A route's own circuit breaker for its pool (`routes[].circuit_breaker`): the settings
+/// of this snapshot, the state kept in the registry by (route, pool).
+pub struct RouteBreaker {
+    pub config: CircuitBreakerConfig,
+    pub state: Arc<Mutex<state::Breaker>>,
+}
+
 /// Long-lived per-endpoint and per-pool state, shared by every snapshot that names it.
 #[derive(Default)]
 pub struct UpstreamRegistry {
     endpoints: Mutex<HashMap<EndpointKey, Slot>>,
     pools: Mutex<HashMap<Arc<str>, Arc<PoolState>>>,
+    /// Per-route breakers by (route name, pool name) (SPEC UP-6 "per route × pool").
+    route_breakers: Mutex<HashMap<RouteBreakerKey, Arc<Mutex<state::Breaker>>>>,
 }
 
 impl UpstreamRegistry {
@@ -319,6 +514,7 @@ impl UpstreamRegistry {
             None => None,
         };
         let transport_key = transport_key(config);
+        let state = self.pools.lock().entry(name.clone()).or_default().clone();
         let mut registry = self.endpoints.lock();
         let endpoints: Vec<Endpoint> = config
             .endpoints
@@ -344,7 +540,10 @@ impl UpstreamRegistry {
                     endpoint_metrics.set_connections(&connections);
                     Slot {
                         connections,
-                        state: Arc::new(EndpointState::new(address.clone())),
+                        state: Arc::new(EndpointState::in_pool(
+                            address.clone(),
+                            state.capacity.clone(),
+                        )),
                     }
                 });
                 let endpoint_metrics = metrics.endpoint(&name, &address);
@@ -359,7 +558,6 @@ impl UpstreamRegistry {
             })
             .collect();
         drop(registry);
-        let state = self.pools.lock().entry(name.clone()).or_default().clone();
         Ok(Pool {
             name,
             protocol: config.protocol,
@@ -370,6 +568,7 @@ impl UpstreamRegistry {
                 max_requests: (config.max_requests_per_connection > 0)
                     .then_some(config.max_requests_per_connection),
                 max_lifetime: config.max_connection_lifetime.non_zero(),
+                max_connections: config.max_connections_per_endpoint as usize,
             },
             resilience: Resilience {
                 health_check: config.health_check.clone(),
@@ -380,11 +579,51 @@ impl UpstreamRegistry {
                 budget: config.retry_budget.clone(),
                 panic_threshold: config.panic_threshold,
                 dns_refresh: config.dns_refresh.non_zero(),
+                max_per_endpoint: config.max_connections_per_endpoint as usize,
+                connection_queue: config.connection_queue.clone(),
             },
             state,
             balancer: Balancer::new(config.balancer, config.hash.as_ref(), &endpoints),
             endpoints,
         })
+    }
+
+    /// The breaker of `route`'s traffic to `pool`, kept across snapshots.
+    pub fn route_breaker(
+        &self,
+        route: &Arc<str>,
+        pool: &Arc<str>,
+        config: &CircuitBreakerConfig,
+    ) -> RouteBreaker {
+        let state = self
+            .route_breakers
+            .lock()
+            .entry((route.clone(), pool.clone()))
+            .or_default()
+            .clone();
+        RouteBreaker {
+            config: config.clone(),
+            state,
+        }
+    }
+
+    /// Drops route breakers no route in `routes` has any more.
+    pub fn retain_route_breakers(&self, routes: &[crate::config::RouteConfig]) {
+        let live: HashSet<(String, &str)> = routes
+            .iter()
+            .enumerate()
+            .filter(|(_, route)| route.circuit_breaker.is_some())
+            .filter_map(|(index, route)| {
+                let name = route
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("route{index}"));
+                route.pool.as_deref().map(|pool| (name, pool))
+            })
+            .collect();
+        self.route_breakers
+            .lock()
+            .retain(|(route, pool), _| live.contains(&(route.to_string(), &**pool)));
     }
 
     /// Starts, restarts or stops the active health checks of a snapshot gone live.

@@ -55,13 +55,31 @@ pub struct EndpointState {
     in_flight: AtomicUsize,
     /// Attempts and failures, for outlier detection by failure rate.
     outcomes: Window,
+    /// Responses and the sum of their head latencies (µs), for latency outliers.
+    latencies: Window,
     /// The running active checker and the settings it was started with.
     pub(super) checker: Mutex<Option<(HealthCheckConfig, tokio::task::AbortHandle)>>,
+    /// The pool's waiters for an endpoint below its connection limit, woken when a request
+    /// here finishes.
+    capacity: Arc<Capacity>,
+}
+
+/// Requests of one pool waiting for an endpoint below `max_connections_per_endpoint`.
+#[derive(Default)]
+pub struct Capacity {
+    freed: tokio::sync::Notify,
+    waiting: AtomicU32,
 }
 
 impl EndpointState {
     pub fn new(address: Arc<str>) -> EndpointState {
+        EndpointState::in_pool(address, Arc::default())
+    }
+
+    /// An endpoint whose finished requests wake the pool's `capacity` waiters.
+    pub fn in_pool(address: Arc<str>, capacity: Arc<Capacity>) -> EndpointState {
         EndpointState {
+            capacity,
             address,
             active_healthy: AtomicBool::new(true),
             passive_until: AtomicU64::new(0),
@@ -71,6 +89,7 @@ impl EndpointState {
             ejections: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             outcomes: Window::default(),
+            latencies: Window::default(),
             checker: Mutex::new(None),
         }
     }
@@ -102,6 +121,18 @@ impl EndpointState {
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
+    }
+
+    /// Like `start_request`, unless `cap` requests are in flight already (per-endpoint
+    /// connection limit): the check and the count are one atomic step, so concurrent
+    /// requests can never overshoot the cap.
+    pub fn try_start_request(self: &Arc<Self>, cap: usize) -> Option<InFlight> {
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now < cap).then_some(now + 1)
+            })
+            .ok()
+            .map(|_| InFlight(self.clone()))
     }
 
     /// Passive health: returns the ejection period when this failure ejected the endpoint.
@@ -143,6 +174,47 @@ impl EndpointState {
             self.outcomes.clear();
         }
         breached
+    }
+
+    /// Latency outlier detection: records a response-head latency and returns this
+    /// endpoint's mean over `window` once it has `min_requests` responses there.
+    pub fn record_latency(
+        &self,
+        latency: Duration,
+        window: Duration,
+        min_requests: u32,
+    ) -> Option<u64> {
+        let now = now_ms();
+        let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latencies.add(window, now, 1, micros);
+        self.mean_latency(window, min_requests)
+    }
+
+    /// The mean response-head latency (µs) over `window`, with at least `min_requests`.
+    pub fn mean_latency(&self, window: Duration, min_requests: u32) -> Option<u64> {
+        let (count, sum) = self.latencies.totals(window, now_ms());
+        (count >= u64::from(min_requests.max(1))).then(|| sum / count)
+    }
+
+    /// Ejects the endpoint as an outlier now (latency detector), unless it is already out
+    /// or `may_eject` says no; returns the ejection period. Its latency record starts
+    /// afresh, so it is judged on new traffic when it returns.
+    pub fn eject_outlier(
+        &self,
+        base: Duration,
+        max: Duration,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Option<Duration> {
+        let now = now_ms();
+        if self.is_outlier_ejected(now) || !may_eject() {
+            return None;
+        }
+        let previous = self.ejections.fetch_add(1, Ordering::Relaxed).min(30);
+        let period = base.saturating_mul(1 << previous).min(max);
+        self.outlier_until
+            .store(now.saturating_add(millis(period)), Ordering::Relaxed);
+        self.latencies.clear();
+        Some(period)
     }
 
     /// Outlier detection: counts consecutive failures; returns the ejection period when
@@ -195,7 +267,38 @@ pub struct InFlight(Arc<EndpointState>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        // One load when nobody waits: pools without connection limits never have waiters.
+        if self.0.capacity.waiting.load(Ordering::Acquire) > 0 {
+            self.0.capacity.freed.notify_waiters();
+        }
+    }
+}
+
+impl Capacity {
+    /// Joins the queue of requests waiting for capacity, unless `max_queue` already wait.
+    pub fn enqueue(self: &Arc<Self>, max_queue: u32) -> Option<Queued> {
+        self.waiting
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                (now < max_queue).then_some(now + 1)
+            })
+            .ok()
+            .map(|_| Queued(self.clone()))
+    }
+
+    /// Resolves when a request at one of the pool's endpoints finishes. Create it (and
+    /// `enable` it) before checking for capacity, so a finish in between is not missed.
+    pub fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+}
+
+/// A request counted as waiting for capacity until dropped.
+pub struct Queued(Arc<Capacity>);
+
+impl Drop for Queued {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -207,6 +310,16 @@ pub struct PoolCounters {
     pub budget_exhausted: AtomicU64,
     pub circuit_rejections: AtomicU64,
     pub overload_rejections: AtomicU64,
+    /// Requests that waited in the `concurrency` queue, and those it refused.
+    pub overload_queue_waits: AtomicU64,
+    pub overload_queue_full: AtomicU64,
+    pub overload_queue_timeouts: AtomicU64,
+    /// Times the pool entered panic mode.
+    pub panic_events: AtomicU64,
+    /// Requests that waited for an endpoint below its connection limit.
+    pub connection_queue_waits: AtomicU64,
+    /// Requests refused because every endpoint stayed at its connection limit.
+    pub connection_limit_rejections: AtomicU64,
 }
 
 /// State of one pool that survives reloads.
@@ -221,6 +334,8 @@ pub struct PoolState {
     pub panicking: AtomicBool,
     /// Recent response-head latencies, for percentile hedge delays.
     pub latencies: LatencyRing,
+    /// Requests waiting for an endpoint below `max_connections_per_endpoint`.
+    pub capacity: Arc<Capacity>,
 }
 
 /// The last `LATENCY_SAMPLES` response-head latencies of a pool, in microseconds, in a ring
@@ -404,6 +519,16 @@ impl Default for Breaker {
 }
 
 impl Breaker {
+    /// The state for metrics: 0 closed, 1 open, 2 half-open (an open breaker past its
+    /// `open_for` admits probes at its next request).
+    pub fn code(&self) -> u8 {
+        match self.state {
+            BreakerState::Closed => 0,
+            BreakerState::Open { until } if until > now_ms() => 1,
+            BreakerState::Open { .. } | BreakerState::HalfOpen { .. } => 2,
+        }
+    }
+
     /// Admits a request, or returns how long the breaker stays open.
     pub fn admit(&mut self, config: &CircuitBreakerConfig) -> Result<Admission, Duration> {
         let now = now_ms();
@@ -433,6 +558,24 @@ impl Breaker {
                     Err(Duration::from_secs(1))
                 }
             }
+        }
+    }
+
+    /// Gives back an admission that never reached the upstream (no endpoint could be
+    /// picked), so a half-open breaker does not wait forever for a probe that never ran.
+    pub fn release(&mut self, admission: Admission) {
+        if let (
+            Admission::Probe,
+            BreakerState::HalfOpen {
+                admitted,
+                succeeded,
+            },
+        ) = (admission, self.state)
+        {
+            self.state = BreakerState::HalfOpen {
+                admitted: admitted.saturating_sub(1).max(succeeded),
+                succeeded,
+            };
         }
     }
 
@@ -536,21 +679,35 @@ impl Limiter {
         }
     }
 
-    pub async fn acquire(&self) -> Result<OwnedSemaphorePermit, LimitError> {
+    /// Takes a slot, waiting in the queue when none is free; waits and refusals are
+    /// counted in `counters`.
+    pub async fn acquire(
+        &self,
+        counters: &PoolCounters,
+    ) -> Result<OwnedSemaphorePermit, LimitError> {
         if let Ok(permit) = self.slots.clone().try_acquire_owned() {
             return Ok(permit);
         }
         if self.queued.fetch_add(1, Ordering::AcqRel) >= self.max_queue {
             self.queued.fetch_sub(1, Ordering::AcqRel);
+            counters.overload_queue_full.fetch_add(1, Ordering::Relaxed);
             return Err(LimitError::QueueFull(self.max_queue));
         }
+        counters
+            .overload_queue_waits
+            .fetch_add(1, Ordering::Relaxed);
         let waited =
             tokio::time::timeout(self.queue_timeout, self.slots.clone().acquire_owned()).await;
         self.queued.fetch_sub(1, Ordering::AcqRel);
         match waited {
             Ok(Ok(permit)) => Ok(permit),
             // The semaphore is never closed; treat it like a timeout all the same.
-            Ok(Err(_)) | Err(_) => Err(LimitError::QueueTimeout(self.queue_timeout)),
+            Ok(Err(_)) | Err(_) => {
+                counters
+                    .overload_queue_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                Err(LimitError::QueueTimeout(self.queue_timeout))
+            }
         }
     }
 }
@@ -584,6 +741,26 @@ mod tests {
         assert_eq!(breaker.admit(&config), Ok(Admission::Probe));
         assert!(breaker.admit(&config).is_err());
         assert_eq!(breaker.record(&config, Admission::Probe, false), None);
+        assert_eq!(
+            breaker.record(&config, Admission::Probe, false),
+            Some(BreakerState::Closed)
+        );
+    }
+
+    #[test]
+    fn a_probe_that_found_no_endpoint_gives_its_slot_back() {
+        let config = CircuitBreakerConfig {
+            min_requests: 1,
+            open_for: Dur(Duration::from_millis(0)),
+            half_open_probes: 1,
+            ..CircuitBreakerConfig::default()
+        };
+        let mut breaker = Breaker::default();
+        breaker.record(&config, Admission::Normal, true);
+        assert_eq!(breaker.admit(&config), Ok(Admission::Probe));
+        assert!(breaker.admit(&config).is_err(), "the only probe is out");
+        breaker.release(Admission::Probe);
+        assert_eq!(breaker.admit(&config), Ok(Admission::Probe));
         assert_eq!(
             breaker.record(&config, Admission::Probe, false),
             Some(BreakerState::Closed)

@@ -32,6 +32,10 @@ pub enum Fault {
     Garbage,
     /// A 200 with a 10-byte body, one byte every period.
     Drip(Duration),
+    /// Answers the first request on each connection like `Ok`; a later request on the same
+    /// connection is read and the connection closed without an answer: a keep-alive
+    /// timeout that fires exactly as a request arrives.
+    CloseReused,
 }
 
 #[derive(Default)]
@@ -44,6 +48,10 @@ pub struct Counters {
     pub max_in_flight: AtomicUsize,
     /// Requests whose connection the client (the gateway) closed before the answer.
     pub cancelled: AtomicUsize,
+    /// Requests read and then dropped with their connection (`CloseReused`).
+    pub dropped: AtomicUsize,
+    /// Request body bytes received (health checks excluded).
+    pub body_bytes: AtomicUsize,
 }
 
 struct Shared {
@@ -239,6 +247,7 @@ impl Drop for InFlight<'_> {
 async fn serve(mut stream: TcpStream, shared: &Shared) {
     let _ = stream.set_nodelay(true);
     let mut buffer = Vec::with_capacity(4096);
+    let mut answered = 0usize;
     loop {
         // Read one request head (bounded), then its body.
         let head = loop {
@@ -280,9 +289,18 @@ async fn serve(mut stream: TcpStream, shared: &Shared) {
             }
             continue;
         }
+        let fault = shared.fault.lock().unwrap().clone();
+        if fault == Fault::CloseReused && answered > 0 {
+            shared.counters.dropped.fetch_add(1, Ordering::SeqCst);
+            return;
+        }
+        answered += 1;
+        shared
+            .counters
+            .body_bytes
+            .fetch_add(head.body, Ordering::SeqCst);
         shared.counters.requests.fetch_add(1, Ordering::SeqCst);
         let _in_flight = InFlight::new(&shared.counters);
-        let fault = shared.fault.lock().unwrap().clone();
         let name = &shared.name;
         let ok = |status: u16, label: &str| {
             let body = format!("{label} {name}");
@@ -292,7 +310,7 @@ async fn serve(mut stream: TcpStream, shared: &Shared) {
             )
         };
         match fault {
-            Fault::Ok => {
+            Fault::Ok | Fault::CloseReused => {
                 if stream.write_all(ok(200, "ok").as_bytes()).await.is_err() {
                     return;
                 }
