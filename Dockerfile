@@ -3,7 +3,9 @@
 # Run:   docker run -p 8080:8080 -v $PWD/gatehouse.toml:/etc/gatehouse/gatehouse.toml gatehouse
 FROM rust:1-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+COPY docs/openapi.json ./docs/openapi.json
 COPY src ./src
 COPY benches ./benches
 COPY examples ./examples

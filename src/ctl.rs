@@ -69,11 +69,20 @@ pub enum CtlCommand {
     /// The running config: get, apply, diff.
     #[command(subcommand)]
     Config(ConfigCommand),
-    /// Same as `config apply`: `ctl apply -f FILE`.
+    /// Same as `config apply`: `ctl apply -f FILE`; or apply a bundle: `ctl apply --bundle
+    /// FILE` (made by `gatehouse bundle sign`).
     Apply {
         /// Config file (TOML, or JSON when it ends in .json).
-        #[arg(short, long)]
-        file: PathBuf,
+        #[arg(
+            short,
+            long,
+            required_unless_present = "bundle",
+            conflicts_with = "bundle"
+        )]
+        file: Option<PathBuf>,
+        /// A bundle file: verified and applied by the gateway (no diff, no prompt).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
         /// Apply without asking (required when stdin is not a terminal).
         #[arg(short, long)]
         yes: bool,
@@ -121,6 +130,8 @@ pub enum CtlCommand {
     /// A route's L7 policies: list, get, put, remove.
     #[command(subcommand)]
     Policies(PoliciesCommand),
+    /// Each pool's circuit breaker: state, settings, refused requests.
+    Breakers,
     /// The global firewall rules: get, put.
     #[command(subcommand)]
     Firewall(FirewallCommand),
@@ -644,11 +655,39 @@ async fn execute(args: &CtlArgs) -> Result<(), CtlError> {
             guard,
         })
         | CtlCommand::Apply {
-            file,
+            file: Some(file),
             yes,
             message,
             guard,
+            ..
         } => apply(&client, out, file, *yes, message.as_deref(), guard).await,
+        CtlCommand::Apply {
+            bundle: Some(bundle),
+            message,
+            ..
+        } => {
+            let text = std::fs::read(bundle).map_err(|err| {
+                CtlError::Output(format!("cannot read {}: {err}", bundle.display()))
+            })?;
+            let answer = client
+                .send(
+                    Method::POST,
+                    "/config/bundle",
+                    &message_header(message.as_deref()),
+                    Some(("application/json", text)),
+                )
+                .await?;
+            print_or(out, args, &answer.body, |body| {
+                changed_line(body, "bundle applied")
+            })
+        }
+        CtlCommand::Apply { .. } => Err(CtlError::Output(
+            "apply needs -f FILE or --bundle FILE".into(),
+        )),
+        CtlCommand::Breakers => {
+            let answer = client.get("/breakers").await?;
+            print_or(out, args, &answer.body, breakers_table)
+        }
         CtlCommand::Versions { limit } => {
             let answer = client
                 .get(&format!("/config/versions?limit={limit}"))
@@ -1213,6 +1252,23 @@ fn status_table(body: &Value) -> String {
             reasons.join(", ")
         ));
     }
+    if let Some(version) = body["bundles"]["last_applied_version"].as_i64() {
+        out.push_str(&format!("\nlast applied bundle {version}\n"));
+    }
+    let pull = &body["pull"];
+    if pull.is_object() {
+        out.push_str(&format!(
+            "pull {}: last check {}, {} checks, {} failed{}\n",
+            text(&pull["url"]),
+            pull["last_check"].as_str().unwrap_or("never"),
+            pull["checks"],
+            pull["failures"],
+            pull["last_error"]
+                .as_str()
+                .map(|error| format!("; last error: {error}"))
+                .unwrap_or_default()
+        ));
+    }
     out
 }
 
@@ -1371,6 +1427,33 @@ fn pools_table(body: &Value) -> String {
         })
         .collect();
     table(&["NAME", "PROTOCOL", "ENDPOINTS"], &rows)
+}
+
+fn breakers_table(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["breakers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|breaker| {
+            let settings = &breaker["settings"];
+            let threshold = if settings.is_object() {
+                format!(
+                    "{}% of {}+",
+                    text(&settings["error_percent"]),
+                    text(&settings["min_requests"])
+                )
+            } else {
+                "-".into()
+            };
+            vec![
+                text(&breaker["pool"]),
+                text(&breaker["state"]),
+                threshold,
+                text(&breaker["rejections"]),
+            ]
+        })
+        .collect();
+    table(&["POOL", "STATE", "OPENS AT", "REJECTED"], &rows)
 }
 
 fn changed_line(body: &Value, what: &str) -> String {

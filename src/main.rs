@@ -43,6 +43,47 @@ enum Command {
     /// The config store, without a running gateway's admin API.
     #[command(subcommand)]
     Store(StoreCommand),
+    /// Signed config bundles: keys, signing, verification (docs/OPERATIONS.md).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Subcommand)]
+enum BundleCommand {
+    /// Make an Ed25519 key pair: PREFIX.key (secret, mode 0600) and PREFIX.pub.
+    Keygen {
+        /// Path prefix of the two files.
+        #[arg(short, long)]
+        out: PathBuf,
+    },
+    /// Make a bundle of a config file, signed with a secret key.
+    Sign {
+        /// The secret key file (`bundle keygen`).
+        #[arg(long, required_unless_present = "unsigned")]
+        key: Option<PathBuf>,
+        /// Make an unsigned bundle (accepted only where signatures are not required).
+        #[arg(long, conflicts_with = "key")]
+        unsigned: bool,
+        /// Config file (TOML, or JSON when it ends in .json); it must validate.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Bundle version: must grow with every release (older ones are refused as replays).
+        #[arg(long)]
+        version: i64,
+        /// Recorded in the bundle and the audit log.
+        #[arg(long)]
+        author: String,
+        /// Where to write the bundle; stdout when absent.
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Check a bundle's signature against public keys (.pub files).
+    Verify {
+        bundle: PathBuf,
+        /// A trusted public key file; repeat for several.
+        #[arg(long = "pub", required = true)]
+        public: Vec<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -96,6 +137,13 @@ fn main() -> ExitCode {
         Command::Validate { file } => validate(&file),
         Command::Ctl(args) => gatehouse::ctl::run(args),
         Command::Store(StoreCommand::Backup { config, file }) => store_backup(&config, &file),
+        Command::Bundle(command) => match bundle(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: {err:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run { config, runtime } => {
             let loaded = match config::load_file(&config) {
                 Ok(loaded) => loaded,
@@ -241,6 +289,7 @@ fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<
         let control = Control::start(config, path).await?;
         gatehouse::control::admin::start(control.clone()).await?;
         gatehouse::control::admin::start_metrics(control.clone()).await?;
+        gatehouse::control::pull::start(control.clone());
         tracing::info!(workers, "runtime started");
         let clean = gatehouse::ops::run_until_stopped_with(control.gateway(), &|| {
             gatehouse::control::reload_and_log(&control)
@@ -254,4 +303,102 @@ fn run(config: Config, path: Option<PathBuf>, workers: usize) -> anyhow::Result<
         let _ = thread.join();
     }
     result
+}
+
+/// `gatehouse bundle …`.
+fn bundle(command: BundleCommand) -> anyhow::Result<()> {
+    use gatehouse::control::bundle;
+    let read = |path: &Path| {
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    };
+    match command {
+        BundleCommand::Keygen { out } => {
+            let (secret, public) = bundle::keygen()?;
+            let secret_path = out.with_extension("key");
+            let public_path = out.with_extension("pub");
+            write_private(&secret_path, format!("{secret}\n").as_bytes())?;
+            std::fs::write(&public_path, format!("{public}\n"))
+                .with_context(|| format!("cannot write {}", public_path.display()))?;
+            println!("secret key: {} (keep it private)", secret_path.display());
+            println!("public key: {} = {public}", public_path.display());
+            Ok(())
+        }
+        BundleCommand::Sign {
+            key,
+            unsigned: _,
+            config,
+            version,
+            author,
+            output,
+        } => {
+            anyhow::ensure!(version >= 1, "--version must be a positive integer");
+            let key = key
+                .map(|path| {
+                    bundle::signing_key(&read(&path)?)
+                        .with_context(|| format!("{}", path.display()))
+                })
+                .transpose()?;
+            let format = if config.extension().is_some_and(|ext| ext == "json") {
+                config::Format::Json
+            } else {
+                config::Format::Toml
+            };
+            let canonical =
+                bundle::canonical_config(&read(&config)?, format).map_err(|errors| {
+                    anyhow::anyhow!("{}: invalid config:\n{errors}", config.display())
+                })?;
+            let created =
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+            let made = bundle::make(key.as_ref(), version, created, author, canonical);
+            let text = serde_json::to_string_pretty(&made)? + "\n";
+            match output {
+                Some(path) => std::fs::write(&path, text)
+                    .with_context(|| format!("cannot write {}", path.display()))?,
+                None => print!("{text}"),
+            }
+            Ok(())
+        }
+        BundleCommand::Verify {
+            bundle: path,
+            public,
+        } => {
+            let parsed = bundle::Bundle::parse(&read(&path)?)?;
+            let trusted_keys = public
+                .iter()
+                .map(|path| {
+                    Ok(config::TrustedKey {
+                        name: path.display().to_string(),
+                        public_key: read(path)?.trim().to_string(),
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let settings = config::BundlesConfig {
+                require_signature: true,
+                trusted_keys,
+            };
+            let key = parsed.verify(&settings)?;
+            println!(
+                "ok: bundle version {} by {} ({}), signed by {}",
+                parsed.version,
+                parsed.author,
+                parsed.created,
+                key.unwrap_or_default()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Writes a file only its owner can read (a secret key).
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    file.write_all(bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }

@@ -653,7 +653,7 @@ direct_response = { body = "2", status = 99 }
     assert_eq!(
         errors,
         [
-            "colour: unknown field; expected one of workers, drain_timeout, log, access_log, metrics, tracing, http, tls, acme, firewall, watch_interval, demo, listeners, pools, routes, store, admin",
+            "colour: unknown field; expected one of workers, drain_timeout, log, access_log, metrics, tracing, http, tls, acme, firewall, watch_interval, demo, listeners, pools, routes, store, admin, bundles, pull",
             r#"listeners[1].bind: 127.0.0.1:8080 is already bound by listener "a""#,
             r#"pools[1].name: duplicate pool name "app""#,
             r#"routes[1].name: duplicate route name "r""#,
@@ -760,7 +760,7 @@ fn env_override_errors_name_the_variable() {
             r#"env GATEHOUSE_LISTENERS__X__BIND: "x" is not a list index"#,
             "env GATEHOUSE_ROUTES__0__POOL: index 0 is past the end of a list of 0",
             "env GATEHOUSE___WORKERS: empty path segment",
-            "nope: unknown field; expected one of workers, drain_timeout, log, access_log, metrics, tracing, http, tls, acme, firewall, watch_interval, demo, listeners, pools, routes, store, admin (set by environment variable GATEHOUSE_NOPE)",
+            "nope: unknown field; expected one of workers, drain_timeout, log, access_log, metrics, tracing, http, tls, acme, firewall, watch_interval, demo, listeners, pools, routes, store, admin, bundles, pull (set by environment variable GATEHOUSE_NOPE)",
             r#"workers: invalid type: string "many", expected a non-negative integer (set by environment variable GATEHOUSE_WORKERS)"#,
             "http.nope: unknown field `nope`, expected one of `x_forwarded_for`, `trusted_proxies`, `request_id_header`, `add_forwarded`, `add_via`, `hide_upstream_server`, `rate_limit` (set by environment variable GATEHOUSE_HTTP__NOPE__DEEPER)",
             "listeners[0].limits.max_request_header_bytes: must be at least 8192 bytes (set by environment variable GATEHOUSE_LISTENERS__0__LIMITS__MAX_REQUEST_HEADER_BYTES)",

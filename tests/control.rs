@@ -184,7 +184,7 @@ async fn first_start_creates_the_store_next_to_the_config_and_seeds_it_from_the_
     let schema: i64 = conn
         .query_row("SELECT version FROM schema_version", [], |row| row.get(0))
         .unwrap();
-    assert_eq!(schema, 1);
+    assert_eq!(schema, gatehouse::control::store::SCHEMA_VERSION);
     let (hash, stored): (String, String) = conn
         .query_row(
             "SELECT hash, config FROM config_versions WHERE id = 1",
@@ -2276,4 +2276,46 @@ async fn a_guarded_apply_that_breaks_a_route_under_load_is_rolled_back_and_audit
     stop.send(true).unwrap();
     let sent = within("load loop", load).await.unwrap();
     assert!(sent > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_endpoint_and_ctl_breakers_show_each_pool() {
+    let backend = Backend::echo().await;
+    let text = format!(
+        "[admin]\nbind = \"127.0.0.1:0\"\n\n[[listeners]]\nname = \"public\"\nbind = \"127.0.0.1:0\"\n\n[[pools]]\nname = \"guarded\"\nendpoints = [\"{0}\"]\ncircuit_breaker = {{ error_percent = 40, min_requests = 10 }}\n\n[[pools]]\nname = \"plain\"\nendpoints = [\"{0}\"]\n\n[[routes]]\npool = \"guarded\"\n",
+        backend.addr
+    );
+    let gateway = Gateway::start(&text);
+    let admin = Admin::of(&gateway);
+    let reply = admin.get("/breakers").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.body);
+    let breakers = reply.body["breakers"].as_array().unwrap();
+    assert_eq!(breakers.len(), 2, "{}", reply.body);
+    assert_eq!(breakers[0]["pool"], "guarded");
+    assert_eq!(breakers[0]["state"], "closed");
+    assert_eq!(breakers[0]["settings"]["error_percent"], 40);
+    assert_eq!(breakers[0]["rejections"], 0);
+    assert_eq!(breakers[1]["pool"], "plain");
+    assert_eq!(breakers[1]["state"], "disabled");
+    assert_eq!(breakers[1]["settings"], Value::Null);
+
+    let url = format!("http://{}", gateway.addr("admin"));
+    let (ok, out, err) = ctl(&url, &["breakers"], &[]).await;
+    assert!(ok, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("POOL"), "{out}");
+    assert!(
+        lines[1].contains("guarded")
+            && lines[1].contains("closed")
+            && lines[1].contains("40% of 10+"),
+        "{out}"
+    );
+    assert!(
+        lines[2].contains("plain") && lines[2].contains("disabled"),
+        "{out}"
+    );
+    let (ok, out, err) = ctl(&url, &["--json", "breakers"], &[]).await;
+    assert!(ok, "{err}");
+    let json: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(json["breakers"][1]["state"], "disabled");
 }

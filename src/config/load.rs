@@ -192,6 +192,8 @@ const SECTIONS: &[&str] = &[
     "routes",
     "store",
     "admin",
+    "bundles",
+    "pull",
 ];
 
 /// Sort key for an error path: its section's place in `SECTIONS`, then its list index.
@@ -556,6 +558,8 @@ fn deserialize_sections(root: Value, errors: &mut Vec<ConfigError>) -> (Config, 
             }
             "store" => config.store = section(value, &key, errors).unwrap_or_default(),
             "admin" => config.admin = section(value, &key, errors).unwrap_or_default(),
+            "bundles" => config.bundles = section(value, &key, errors).unwrap_or_default(),
+            "pull" => config.pull = section(value, &key, errors).unwrap_or_default(),
             _ => errors.push(ConfigError {
                 path: key.clone(),
                 message: format!("unknown field; expected one of {}", SECTIONS.join(", ")),

@@ -72,6 +72,15 @@ pub struct Config {
     pub store: StoreConfig,
     /// The admin API listener (SPEC CTRL-4); none when absent. A bootstrap setting.
     pub admin: Option<AdminConfig>,
+    /// Signed config bundles: trusted keys and whether signatures are required (SPEC
+    /// CTRL-8). A bootstrap setting. Left out of the stored JSON when default, so configs
+    /// stored before bundles existed keep their hashes.
+    #[serde(skip_serializing_if = "BundlesConfig::is_default")]
+    pub bundles: BundlesConfig,
+    /// Pull mode: fetch the latest bundle from a URL on an interval (SPEC CTRL-8). A
+    /// bootstrap setting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pull: Option<PullConfig>,
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq)]
@@ -756,6 +765,65 @@ pub enum StoreMode {
     /// The store is the source of truth: at start the newest stored version runs (the file
     /// only seeds an empty store), and SIGHUP is refused.
     Store,
+}
+
+/// Signed config bundles (SPEC CTRL-8).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BundlesConfig {
+    /// Refuse bundles without a valid signature by a trusted key.
+    pub require_signature: bool,
+    /// Ed25519 public keys whose signatures are accepted.
+    pub trusted_keys: Vec<TrustedKey>,
+}
+
+impl BundlesConfig {
+    fn is_default(&self) -> bool {
+        *self == BundlesConfig::default()
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKey {
+    /// Shown in logs and the audit message.
+    pub name: String,
+    /// The 32-byte public key in standard base64 (the `.pub` file of `gatehouse bundle
+    /// keygen`).
+    pub public_key: String,
+}
+
+/// Pull mode (SPEC CTRL-8).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PullConfig {
+    /// `http://` or `https://` URL of the latest bundle.
+    pub url: String,
+    #[serde(default = "PullConfig::default_interval")]
+    pub interval: Dur,
+    /// For the whole fetch: connect, TLS, headers and body.
+    #[serde(default = "PullConfig::default_timeout")]
+    pub timeout: Dur,
+    /// Largest bundle accepted.
+    #[serde(default = "PullConfig::default_max_size")]
+    pub max_size: Size,
+    /// CA bundle (PEM) that verifies an `https` server; the system's roots when absent.
+    #[serde(default)]
+    pub ca: Option<String>,
+}
+
+impl PullConfig {
+    fn default_interval() -> Dur {
+        Dur::secs(30)
+    }
+
+    fn default_timeout() -> Dur {
+        Dur::secs(10)
+    }
+
+    fn default_max_size() -> Size {
+        Size(8 << 20)
+    }
 }
 
 /// The admin API (SPEC CTRL-4, CTRL-5).

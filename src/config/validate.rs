@@ -947,6 +947,9 @@ fn validate_metrics(config: &Config, errors: &mut Errors) {
 
 /// The store and admin sections (SPEC CTRL-3, CTRL-4, CTRL-5).
 fn validate_control(config: &Config, errors: &mut Errors) {
+    for (path, message) in crate::control::bundle::validate_config(config) {
+        errors.push(path, message);
+    }
     if config.store.path.trim().is_empty() {
         errors.push("store.path", "must be a file path");
     }

@@ -22,15 +22,16 @@ use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 
 use super::auth::{AuthError, Caller, FailureLimiter};
+use super::bundle::BundleError;
 use super::diff::{diff, FieldChange};
-use super::{guard, resources, Change, Control, ControlError};
+use super::{guard, resources, Change, Control, ControlError, Outcome};
 use crate::config::{AdminScope, ConfigError, Format};
 
 /// Largest request body (a config).
@@ -41,6 +42,8 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Admin connections served at once; more are closed at accept.
 const MAX_CONNECTIONS: usize = 64;
+/// Concurrent HTTP/2 streams (gRPC calls) per admin connection.
+const MAX_STREAMS: u32 = 32;
 /// Longest `x-gatehouse-message` kept in the audit log.
 const MAX_MESSAGE_BYTES: usize = 1024;
 const MAX_LIST_LIMIT: u32 = 1000;
@@ -65,7 +68,7 @@ pub enum AdminError {
 
 /// Everything a request can fail with, mapped to a status in `status`.
 #[derive(Debug, thiserror::Error)]
-enum ApiError {
+pub(super) enum ApiError {
     #[error(transparent)]
     Auth(#[from] AuthError),
     #[error(transparent)]
@@ -89,7 +92,7 @@ enum ApiError {
 }
 
 impl ApiError {
-    fn status(&self) -> StatusCode {
+    pub(super) fn status(&self) -> StatusCode {
         match self {
             ApiError::Auth(
                 AuthError::Missing | AuthError::Invalid | AuthError::NoClientCertificate,
@@ -108,6 +111,13 @@ impl ApiError {
                     StatusCode::UNPROCESSABLE_ENTITY
                 }
                 ControlError::Stale { .. } => StatusCode::PRECONDITION_FAILED,
+                ControlError::Bundle(BundleError::Malformed(_) | BundleError::Key(_)) => {
+                    StatusCode::BAD_REQUEST
+                }
+                ControlError::Bundle(
+                    BundleError::Unsigned | BundleError::UnknownKey | BundleError::BadSignature(_),
+                ) => StatusCode::UNPROCESSABLE_ENTITY,
+                ControlError::Bundle(BundleError::Replay { .. }) => StatusCode::CONFLICT,
                 ControlError::UnknownVersion(_) | ControlError::UnknownName { .. } => {
                     StatusCode::NOT_FOUND
                 }
@@ -141,6 +151,13 @@ impl ApiError {
                 ControlError::Stale { .. } => "stale_version",
                 ControlError::UnknownVersion(_) => "unknown_version",
                 ControlError::UnknownName { .. } => "unknown_name",
+                ControlError::Bundle(BundleError::Malformed(_) | BundleError::Key(_)) => {
+                    "invalid_bundle"
+                }
+                ControlError::Bundle(BundleError::Unsigned) => "bundle_unsigned",
+                ControlError::Bundle(BundleError::UnknownKey) => "bundle_unknown_key",
+                ControlError::Bundle(BundleError::BadSignature(_)) => "bundle_bad_signature",
+                ControlError::Bundle(BundleError::Replay { .. }) => "bundle_replay",
                 _ => "internal",
             },
         }
@@ -246,6 +263,8 @@ enum Op {
     GetTraffic,
     PutSplitWeights,
     ResetBrake,
+    ApplyBundle,
+    Breakers,
 }
 
 impl Op {
@@ -269,6 +288,7 @@ impl Op {
             | Op::GetPool
             | Op::GetFirewall
             | Op::GetTraffic
+            | Op::Breakers
             // Validate and diff change nothing.
             | Op::Validate
             | Op::Diff => Some(AdminScope::Read),
@@ -285,6 +305,7 @@ impl Op {
             | Op::PutFirewall
             | Op::PutSplitWeights
             | Op::ResetBrake
+            | Op::ApplyBundle
             // The stored configs hold the token hashes.
             | Op::Backup => Some(AdminScope::Admin),
         }
@@ -321,6 +342,7 @@ const ROUTES: &[RouteEntry] = &[
     entry("GET", "/config/versions", Op::Versions),
     entry("GET", "/config/versions/{version}", Op::Version),
     entry("POST", "/config/rollback/{version}", Op::Rollback),
+    entry("POST", "/config/bundle", Op::ApplyBundle),
     entry("GET", "/status", Op::Status),
     entry("GET", "/audit", Op::Audit),
     entry("GET", "/certificates", Op::Certificates),
@@ -342,6 +364,7 @@ const ROUTES: &[RouteEntry] = &[
         "/routes/{name}/policies/{policy}",
         Op::DeletePolicy,
     ),
+    entry("GET", "/breakers", Op::Breakers),
     entry("GET", "/pools", Op::ListPools),
     entry("GET", "/pools/{name}", Op::GetPool),
     entry("PUT", "/pools/{name}", Op::PutPool),
@@ -426,13 +449,15 @@ fn parse_version(text: &str) -> Result<i64, ApiError> {
         .ok_or_else(|| ApiError::BadRequest(format!("version {text:?} is not a positive integer")))
 }
 
-struct Admin {
-    control: Arc<Control>,
+pub(super) struct Admin {
+    pub(super) control: Arc<Control>,
     /// The separate `metrics.bind` listener: only `/metrics` and `/healthz`.
     metrics_only: bool,
     /// `metrics.require_token`, as at start.
     metrics_token: bool,
     failures: FailureLimiter,
+    /// The gRPC services; none on the metrics-only listener.
+    grpc: Option<super::grpc::Grpc>,
 }
 
 /// Where the admin API listens; TCP optionally with TLS.
@@ -443,7 +468,7 @@ enum AdminListener {
 
 /// Who is on the other end of an admin connection.
 #[derive(Clone, Default)]
-struct Peer {
+pub(super) struct Peer {
     /// `None` on the Unix socket.
     ip: Option<IpAddr>,
     /// The subject of the client certificate the TLS handshake verified.
@@ -490,7 +515,8 @@ fn tls_acceptor(tls: &crate::config::AdminTls) -> Result<tokio_rustls::TlsAccept
     let mut config = builder
         .with_single_cert(chain, key)
         .map_err(|err| error(format!("admin.tls: {err}")))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // h2 for gRPC clients, which speak only HTTP/2.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -542,6 +568,7 @@ pub async fn start(control: Arc<Control>) -> Result<(), AdminError> {
     };
     let metrics_token = control.current().config.metrics.require_token;
     let admin = Arc::new(Admin {
+        grpc: Some(super::grpc::Grpc::start(control.clone()).await),
         control,
         metrics_only: false,
         metrics_token,
@@ -578,6 +605,7 @@ pub async fn start_metrics(control: Arc<Control>) -> Result<(), AdminError> {
         metrics_only: true,
         metrics_token: metrics.require_token,
         failures: FailureLimiter::new(MAX_AUTH_FAILURES, AUTH_FAILURE_WINDOW, MAX_AUTH_SOURCES),
+        grpc: None,
     });
     tokio::spawn(accept_loop(admin, AdminListener::Tcp(listener, None)));
     Ok(())
@@ -679,18 +707,53 @@ enum Either<A, B> {
     Right(B),
 }
 
-async fn serve<S>(stream: S, admin: Arc<Admin>, peer: Peer) -> hyper::Result<()>
+/// The body of an admin response: REST JSON, or a gRPC stream.
+type AdminBody = http_body_util::Either<Full<Bytes>, tonic::body::Body>;
+
+/// Serves one admin connection, HTTP/1.1 or HTTP/2 (gRPC clients speak only HTTP/2).
+/// Requests with `Content-Type: application/grpc…` go to the gRPC services, the rest to
+/// the REST API.
+async fn serve<S>(
+    stream: S,
+    admin: Arc<Admin>,
+    peer: Peer,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let service = service_fn(move |request| {
+    let service = service_fn(move |request: Request<Incoming>| {
         let admin = admin.clone();
         let peer = peer.clone();
-        async move { Ok::<_, Infallible>(admin.handle(request, &peer).await) }
+        async move {
+            let grpc = request
+                .headers()
+                .get(CONTENT_TYPE)
+                .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"));
+            let response: Response<AdminBody> = match (&admin.grpc, grpc) {
+                (Some(services), true) => services
+                    .call(admin.clone(), request, peer)
+                    .await
+                    .map(http_body_util::Either::Right),
+                _ => admin
+                    .handle(request, &peer)
+                    .await
+                    .map(http_body_util::Either::Left),
+            };
+            Ok::<_, Infallible>(response)
+        }
     });
-    hyper::server::conn::http1::Builder::new()
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_TIMEOUT)
+        .header_read_timeout(HEADER_TIMEOUT);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_STREAMS)
+        .keep_alive_interval(Some(HEADER_TIMEOUT))
+        .keep_alive_timeout(HEADER_TIMEOUT);
+    builder
         .serve_connection(TokioIo::new(stream), service)
         .await
 }
@@ -793,17 +856,9 @@ impl Admin {
             Op::Diff => {
                 let config = self.read_config(request).await?;
                 let current = control.current();
-                let before = serde_json::to_value(&*current.config).map_err(ControlError::from)?;
-                let after = serde_json::to_value(&config).map_err(ControlError::from)?;
-                let changes = diff(&before, &after);
-                let text: Vec<String> = changes.iter().map(FieldChange::line).collect();
                 Ok(json_response(
                     StatusCode::OK,
-                    &json!({
-                        "from_version": current.info.version,
-                        "changes": changes,
-                        "text": text.join("\n"),
-                    }),
+                    &diff_body(&current, &config)?,
                 ))
             }
             Op::PutConfig => {
@@ -826,15 +881,7 @@ impl Admin {
                 })
                 .await??;
                 let mut body = serde_json::to_value(&outcome).map_err(ControlError::from)?;
-                if let (Some(gates), Some(previous)) = (gates, outcome.previous_version) {
-                    let baseline = self.control.gateway().request_stats();
-                    let status = guard::start(
-                        self.control.clone(),
-                        outcome.info.version,
-                        previous,
-                        gates,
-                        baseline,
-                    );
+                if let Some(status) = start_guard(&self.control, &outcome, gates) {
                     body["guard"] = serde_json::to_value(status).map_err(ControlError::from)?;
                 }
                 let mut response = json_response(StatusCode::OK, &body);
@@ -896,46 +943,45 @@ impl Admin {
                 Ok(response)
             }
             Op::Certificates => Ok(json_response(StatusCode::OK, &certificates(control))),
-            Op::ListRoutes => {
-                let current = control.current();
-                let routes: Vec<Value> = current
-                    .config
-                    .routes
-                    .iter()
-                    .enumerate()
-                    .map(|(index, route)| named(resources::route_name(index, route), route))
-                    .collect::<Result<_, _>>()?;
-                versioned(
-                    current.info.version,
-                    json!({"version": current.info.version, "routes": routes}),
-                )
+            Op::ListRoutes | Op::ListPools => {
+                let kind = if routed.op == Op::ListRoutes {
+                    Kind::Route
+                } else {
+                    Kind::Pool
+                };
+                let (version, body) = kind.list(control)?;
+                versioned(version, body)
             }
-            Op::GetRoute => {
-                let name = routed.param(0)?;
-                let current = control.current();
-                let (_, route) = resources::find_route(&current.config, name)
-                    .ok_or_else(|| unknown("route", name))?;
-                versioned(current.info.version, named(name.to_string(), route)?)
+            Op::GetRoute | Op::GetPool => {
+                let kind = if routed.op == Op::GetRoute {
+                    Kind::Route
+                } else {
+                    Kind::Pool
+                };
+                let (version, body) = kind.get(control, routed.param(0)?)?;
+                versioned(version, body)
             }
-            Op::PutRoute => {
+            Op::PutRoute | Op::PutPool => {
+                let kind = if routed.op == Op::PutRoute {
+                    Kind::Route
+                } else {
+                    Kind::Pool
+                };
                 let name = routed.param(0)?.to_string();
                 let meta = ChangeMeta::of(&request, caller)?;
-                let route: crate::config::RouteConfig = read_json(request).await?;
-                check_body_name(route.name.as_deref(), &name)?;
-                let message = meta.message_or(format!("route {name}: put"));
-                self.edit(meta, "put_route", message, move |config| {
-                    resources::put_route(config, &name, route)
-                })
-                .await
+                let body: Value = read_json(request).await?;
+                let edit = kind.put(name, body)?;
+                self.edit(meta, edit).await
             }
-            Op::DeleteRoute => {
-                let name = routed.param(0)?.to_string();
+            Op::DeleteRoute | Op::DeletePool => {
+                let kind = if routed.op == Op::DeleteRoute {
+                    Kind::Route
+                } else {
+                    Kind::Pool
+                };
                 let meta = ChangeMeta::of(&request, caller)?;
-                let message = meta.message_or(format!("route {name}: delete"));
-                self.edit(meta, "delete_route", message, move |config| {
-                    resources::delete_route(config, &name).map(|()| false)
-                })
-                .await
+                let edit = kind.delete(routed.param(0)?.to_string());
+                self.edit(meta, edit).await
             }
             Op::ListPolicies => {
                 let name = routed.param(0)?;
@@ -972,9 +1018,16 @@ impl Admin {
                 }
                 let policies: Vec<crate::config::policy::PolicyRuleConfig> = from_value(body)?;
                 let message = meta.message_or(format!("route {name}: put policies"));
-                self.edit(meta, "put_policies", message, move |config| {
-                    resources::put_policies(config, &name, policies)
-                })
+                self.edit(
+                    meta,
+                    ResourceEdit {
+                        action: "put_policies",
+                        message,
+                        edit: Box::new(move |config| {
+                            resources::put_policies(config, &name, policies)
+                        }),
+                    },
+                )
                 .await
             }
             Op::PutPolicy => {
@@ -992,9 +1045,16 @@ impl Admin {
                 }
                 let policy: crate::config::policy::PolicyRuleConfig = from_value(body)?;
                 let message = meta.message_or(format!("route {name}: put policy {policy_name}"));
-                self.edit(meta, "put_policy", message, move |config| {
-                    resources::put_policy(config, &name, &policy_name, policy)
-                })
+                self.edit(
+                    meta,
+                    ResourceEdit {
+                        action: "put_policy",
+                        message,
+                        edit: Box::new(move |config| {
+                            resources::put_policy(config, &name, &policy_name, policy)
+                        }),
+                    },
+                )
                 .await
             }
             Op::DeletePolicy => {
@@ -1002,56 +1062,16 @@ impl Admin {
                     (routed.param(0)?.to_string(), routed.param(1)?.to_string());
                 let meta = ChangeMeta::of(&request, caller)?;
                 let message = meta.message_or(format!("route {name}: delete policy {policy_name}"));
-                self.edit(meta, "delete_policy", message, move |config| {
-                    resources::delete_policy(config, &name, &policy_name).map(|()| false)
-                })
-                .await
-            }
-            Op::ListPools => {
-                let current = control.current();
-                versioned(
-                    current.info.version,
-                    json!({"version": current.info.version, "pools": current.config.pools}),
+                self.edit(
+                    meta,
+                    ResourceEdit {
+                        action: "delete_policy",
+                        message,
+                        edit: Box::new(move |config| {
+                            resources::delete_policy(config, &name, &policy_name).map(|()| false)
+                        }),
+                    },
                 )
-            }
-            Op::GetPool => {
-                let name = routed.param(0)?;
-                let current = control.current();
-                let pool = resources::find_pool(&current.config, name)
-                    .ok_or_else(|| unknown("pool", name))?;
-                versioned(
-                    current.info.version,
-                    serde_json::to_value(pool).map_err(ControlError::from)?,
-                )
-            }
-            Op::PutPool => {
-                let name = routed.param(0)?.to_string();
-                let meta = ChangeMeta::of(&request, caller)?;
-                let mut body: Value = read_json(request).await?;
-                // `name` may be omitted in the body: the path names the pool.
-                if let Some(object) = body.as_object_mut() {
-                    let given = object.get("name").cloned();
-                    match given {
-                        None => {
-                            object.insert("name".into(), json!(name));
-                        }
-                        Some(given) => check_body_name(given.as_str(), &name)?,
-                    }
-                }
-                let pool: crate::config::PoolConfig = from_value(body)?;
-                let message = meta.message_or(format!("pool {name}: put"));
-                self.edit(meta, "put_pool", message, move |config| {
-                    resources::put_pool(config, &name, pool)
-                })
-                .await
-            }
-            Op::DeletePool => {
-                let name = routed.param(0)?.to_string();
-                let meta = ChangeMeta::of(&request, caller)?;
-                let message = meta.message_or(format!("pool {name}: delete"));
-                self.edit(meta, "delete_pool", message, move |config| {
-                    resources::delete_pool(config, &name).map(|()| false)
-                })
                 .await
             }
             Op::GetFirewall => {
@@ -1063,13 +1083,17 @@ impl Admin {
             }
             Op::PutFirewall => {
                 let meta = ChangeMeta::of(&request, caller)?;
-                let firewall: crate::config::FirewallConfig = read_json(request).await?;
-                let message = meta.message_or("firewall: put".to_string());
-                self.edit(meta, "put_firewall", message, move |config| {
-                    config.firewall = firewall;
-                    Ok(false)
-                })
-                .await
+                let body: Value = read_json(request).await?;
+                self.edit(meta, put_firewall(body)?).await
+            }
+            Op::Breakers => Ok(json_response(StatusCode::OK, &breakers(control))),
+            Op::ApplyBundle => {
+                let meta = ChangeMeta::of(&request, caller)?;
+                let text = read_body(request).await?;
+                let outcome = apply_bundle(self.control.clone(), meta, text).await?;
+                let mut response = json_response(StatusCode::OK, &outcome);
+                set_etag(&mut response, outcome.info.version);
+                Ok(response)
             }
             Op::GetTraffic => Ok(json_response(
                 StatusCode::OK,
@@ -1090,11 +1114,14 @@ impl Admin {
                 let name = routed.param(0)?.to_string();
                 let meta = ChangeMeta::of(&request, caller)?;
                 let body: SplitWeightsBody = read_json(request).await?;
-                let message = meta.message_or(format!("route {name}: split weights"));
-                self.edit(meta, "put_split_weights", message, move |config| {
-                    set_split_weights(config, &name, &body.weights).map(|()| false)
-                })
-                .await
+                let edit = ResourceEdit {
+                    action: "put_split_weights",
+                    message: format!("route {name}: split weights"),
+                    edit: Box::new(move |config| {
+                        set_split_weights(config, &name, &body.weights).map(|()| false)
+                    }),
+                };
+                self.edit(meta, edit).await
             }
             Op::Backup => {
                 let control = self.control.clone();
@@ -1150,23 +1177,9 @@ impl Admin {
     async fn edit(
         &self,
         meta: ChangeMeta,
-        action: &'static str,
-        message: String,
-        edit: impl FnOnce(&mut crate::config::Config) -> Result<bool, ControlError> + Send + 'static,
+        edit: ResourceEdit,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        let control = self.control.clone();
-        let (outcome, created) = blocking(move || {
-            control.edit(
-                &Change {
-                    actor: &meta.actor,
-                    action,
-                    message: &message,
-                    if_match: meta.if_match,
-                },
-                edit,
-            )
-        })
-        .await??;
+        let (outcome, created) = run_edit(self.control.clone(), meta, edit).await?;
         let status = if created {
             StatusCode::CREATED
         } else {
@@ -1178,8 +1191,9 @@ impl Admin {
     }
 
     /// Checks the caller's token, refusing sources with too many recent failures (429)
-    /// before looking at the token. Only wrong tokens count as failures.
-    fn authenticate(
+    /// before looking at the token. Only wrong tokens count as failures. Shared by REST and
+    /// gRPC, so both count against the same per-source limit.
+    pub(super) fn authenticate(
         &self,
         headers: &HeaderMap,
         scope: AdminScope,
@@ -1300,10 +1314,10 @@ fn backup_bytes(control: &Control) -> Result<Vec<u8>, ApiError> {
 }
 
 /// The change headers of a mutation and who sends it.
-struct ChangeMeta {
-    actor: String,
-    if_match: Option<i64>,
-    message: String,
+pub(super) struct ChangeMeta {
+    pub(super) actor: String,
+    pub(super) if_match: Option<i64>,
+    pub(super) message: String,
 }
 
 impl ChangeMeta {
@@ -1315,7 +1329,7 @@ impl ChangeMeta {
         })
     }
 
-    fn message_or(&self, default: String) -> String {
+    pub(super) fn message_or(&self, default: String) -> String {
         if self.message.is_empty() {
             default
         } else {
@@ -1453,7 +1467,7 @@ fn actor(caller: Option<Caller>) -> String {
     caller.map_or_else(|| "anonymous".to_string(), |caller| caller.actor)
 }
 
-fn status(control: &Control) -> Value {
+pub(super) fn status(control: &Control) -> Value {
     let current = control.current();
     let gateway = control.gateway();
     let addrs = gateway.local_addrs();
@@ -1489,7 +1503,225 @@ fn status(control: &Control) -> Value {
         "guard": control.guard(),
         "pools": gateway.upstream_status(),
         "traffic": gateway.traffic_status(),
+        "bundles": {
+            "require_signature": control.bundle_settings().require_signature,
+            "last_applied_version": control.last_bundle_version(),
+        },
+        "pull": control.pull_config().map(|_| control.pull_status()),
     })
+}
+
+/// The body of `POST /config/diff`: the running config against `config`.
+pub(super) fn diff_body(
+    current: &super::Current,
+    config: &crate::config::Config,
+) -> Result<Value, ApiError> {
+    let before = serde_json::to_value(&*current.config).map_err(ControlError::from)?;
+    let after = serde_json::to_value(config).map_err(ControlError::from)?;
+    let changes = diff(&before, &after);
+    let text: Vec<String> = changes.iter().map(FieldChange::line).collect();
+    Ok(json!({
+        "from_version": current.info.version,
+        "changes": changes,
+        "text": text.join("\n"),
+    }))
+}
+
+/// `GET /breakers`: every pool's circuit breaker (`disabled` when the pool has none), its
+/// settings and how many requests it refused.
+pub(super) fn breakers(control: &Control) -> Value {
+    let current = control.current();
+    let breakers: Vec<Value> = control
+        .gateway()
+        .upstream_status()
+        .into_iter()
+        .map(|pool| {
+            let name = pool["name"].as_str().unwrap_or_default().to_string();
+            let settings = resources::find_pool(&current.config, &name)
+                .and_then(|config| serde_json::to_value(&config.circuit_breaker).ok())
+                .unwrap_or(Value::Null);
+            json!({
+                "pool": name,
+                "state": pool["circuit_breaker"].as_str().unwrap_or("disabled"),
+                "rejections": pool["counters"]["circuit_rejections"],
+                "settings": settings,
+            })
+        })
+        .collect();
+    json!({"version": current.info.version, "breakers": breakers})
+}
+
+/// The named parts of the config the admin APIs list, read, replace and remove, by the
+/// same code for REST and gRPC. A new kind (a route's policies, say) is a new variant here
+/// plus its REST routes; gRPC takes it by name (`kind`) with no proto change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Kind {
+    Route,
+    Pool,
+}
+
+/// A prepared change of the config: audit action, default message, and the edit itself.
+pub(super) struct ResourceEdit {
+    pub(super) action: &'static str,
+    pub(super) message: String,
+    pub(super) edit: Box<EditFn>,
+}
+
+/// Changes a copy of the running config; returns whether it created something.
+pub(super) type EditFn =
+    dyn FnOnce(&mut crate::config::Config) -> Result<bool, ControlError> + Send + 'static;
+
+impl Kind {
+    pub(super) fn parse(text: &str) -> Result<Kind, ApiError> {
+        match text {
+            "route" | "routes" => Ok(Kind::Route),
+            "pool" | "pools" => Ok(Kind::Pool),
+            other => Err(ApiError::BadRequest(format!(
+                "kind: {other:?} is not one of route, pool"
+            ))),
+        }
+    }
+
+    pub(super) fn list(self, control: &Control) -> Result<(i64, Value), ApiError> {
+        let current = control.current();
+        let version = current.info.version;
+        let body = match self {
+            Kind::Route => {
+                let routes: Vec<Value> = current
+                    .config
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .map(|(index, route)| named(resources::route_name(index, route), route))
+                    .collect::<Result<_, _>>()?;
+                json!({"version": version, "routes": routes})
+            }
+            Kind::Pool => json!({"version": version, "pools": current.config.pools}),
+        };
+        Ok((version, body))
+    }
+
+    pub(super) fn get(self, control: &Control, name: &str) -> Result<(i64, Value), ApiError> {
+        let current = control.current();
+        let body = match self {
+            Kind::Route => {
+                let (_, route) = resources::find_route(&current.config, name)
+                    .ok_or_else(|| unknown("route", name))?;
+                named(name.to_string(), route)?
+            }
+            Kind::Pool => {
+                let pool = resources::find_pool(&current.config, name)
+                    .ok_or_else(|| unknown("pool", name))?;
+                serde_json::to_value(pool).map_err(ControlError::from)?
+            }
+        };
+        Ok((current.info.version, body))
+    }
+
+    /// Replaces or adds `name` with `body` (its `name` may be omitted; when given it must
+    /// match).
+    pub(super) fn put(self, name: String, mut body: Value) -> Result<ResourceEdit, ApiError> {
+        if let Some(object) = body.as_object_mut() {
+            match object.get("name") {
+                None => {
+                    object.insert("name".into(), json!(name));
+                }
+                Some(given) => check_body_name(given.as_str(), &name)?,
+            }
+        }
+        Ok(match self {
+            Kind::Route => {
+                let route: crate::config::RouteConfig = from_value(body)?;
+                ResourceEdit {
+                    action: "put_route",
+                    message: format!("route {name}: put"),
+                    edit: Box::new(move |config| resources::put_route(config, &name, route)),
+                }
+            }
+            Kind::Pool => {
+                let pool: crate::config::PoolConfig = from_value(body)?;
+                ResourceEdit {
+                    action: "put_pool",
+                    message: format!("pool {name}: put"),
+                    edit: Box::new(move |config| resources::put_pool(config, &name, pool)),
+                }
+            }
+        })
+    }
+
+    pub(super) fn delete(self, name: String) -> ResourceEdit {
+        match self {
+            Kind::Route => ResourceEdit {
+                action: "delete_route",
+                message: format!("route {name}: delete"),
+                edit: Box::new(move |config| {
+                    resources::delete_route(config, &name).map(|()| false)
+                }),
+            },
+            Kind::Pool => ResourceEdit {
+                action: "delete_pool",
+                message: format!("pool {name}: delete"),
+                edit: Box::new(move |config| resources::delete_pool(config, &name).map(|()| false)),
+            },
+        }
+    }
+}
+
+/// The edit of `PUT /firewall` (and gRPC `PutFirewall`).
+pub(super) fn put_firewall(body: Value) -> Result<ResourceEdit, ApiError> {
+    let firewall: crate::config::FirewallConfig = from_value(body)?;
+    Ok(ResourceEdit {
+        action: "put_firewall",
+        message: "firewall: put".into(),
+        edit: Box::new(move |config| {
+            config.firewall = firewall;
+            Ok(false)
+        }),
+    })
+}
+
+/// Runs an edit as a new version (`Control::edit`) off the async workers; returns the
+/// outcome and whether it created something.
+pub(super) async fn run_edit(
+    control: Arc<Control>,
+    meta: ChangeMeta,
+    edit: ResourceEdit,
+) -> Result<(Outcome, bool), ApiError> {
+    let message = meta.message_or(edit.message);
+    let action = edit.action;
+    let edit = edit.edit;
+    Ok(blocking(move || {
+        control.edit(
+            &Change {
+                actor: &meta.actor,
+                action,
+                message: &message,
+                if_match: meta.if_match,
+            },
+            edit,
+        )
+    })
+    .await??)
+}
+
+/// Applies a bundle file through `Control::apply_bundle` off the async workers.
+pub(super) async fn apply_bundle(
+    control: Arc<Control>,
+    meta: ChangeMeta,
+    text: String,
+) -> Result<Outcome, ApiError> {
+    Ok(blocking(move || {
+        control.apply_bundle(
+            &text,
+            &Change {
+                actor: &meta.actor,
+                action: "apply_bundle",
+                message: &meta.message,
+                if_match: meta.if_match,
+            },
+        )
+    })
+    .await??)
 }
 
 /// Firewall blocks since start, in total and by reason.
@@ -1548,9 +1780,26 @@ fn change_message(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(text.to_string())
 }
 
+/// Starts the bake of a guarded apply that changed something (REST and gRPC).
+pub(super) fn start_guard(
+    control: &Arc<Control>,
+    outcome: &Outcome,
+    gates: Option<guard::Gates>,
+) -> Option<guard::GuardStatus> {
+    let (gates, previous) = (gates?, outcome.previous_version?);
+    let baseline = control.gateway().request_stats();
+    Some(guard::start(
+        control.clone(),
+        outcome.info.version,
+        previous,
+        gates,
+        baseline,
+    ))
+}
+
 /// The guarded-apply query of `PUT /config`: `bake` with at least one gate
 /// (`max_5xx_rate`, `max_p95`), and optionally `min_requests` (default 20).
-fn gates(query: Option<&str>) -> Result<Option<guard::Gates>, ApiError> {
+pub(super) fn gates(query: Option<&str>) -> Result<Option<guard::Gates>, ApiError> {
     let bad = |message: String| ApiError::BadRequest(message);
     let duration = |key: &str, value: &str| {
         crate::config::units::parse_duration(value)
@@ -1605,7 +1854,7 @@ fn gates(query: Option<&str>) -> Result<Option<guard::Gates>, ApiError> {
 }
 
 /// `?limit=N`, 1–1000, default 100.
-fn list_limit(query: Option<&str>) -> Result<u32, ApiError> {
+pub(super) fn list_limit(query: Option<&str>) -> Result<u32, ApiError> {
     let mut limit = DEFAULT_LIST_LIMIT;
     for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
         if key == "limit" {
@@ -1622,7 +1871,7 @@ fn list_limit(query: Option<&str>) -> Result<u32, ApiError> {
 }
 
 /// Store access and applies block (SQLite, socket binds); keep them off the async workers.
-async fn blocking<T: Send + 'static>(
+pub(super) async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, ApiError> {
     tokio::task::spawn_blocking(work)

@@ -15,8 +15,11 @@
 
 pub mod admin;
 pub mod auth;
+pub mod bundle;
 pub mod diff;
+pub mod grpc;
 pub mod guard;
+pub mod pull;
 pub mod resources;
 pub mod store;
 
@@ -59,6 +62,9 @@ pub enum ControlError {
     NoConfigFile,
     #[error("cannot serialize the config: {0}")]
     Serialize(#[from] serde_json::Error),
+    /// A bundle was refused (malformed, unsigned, bad signature, unknown key, replay).
+    #[error(transparent)]
+    Bundle(#[from] bundle::BundleError),
 }
 
 /// The version running now.
@@ -101,6 +107,11 @@ pub struct Control {
     auth: Mutex<Arc<auth::Auth>>,
     /// The last guarded apply, for `/status`.
     guard: Mutex<Option<guard::GuardStatus>>,
+    /// Pull mode's last check, for `/status`.
+    pull: Mutex<pull::PullStatus>,
+    /// The highest bundle version applied (0: none), as in the store, for `/status`
+    /// without a store query.
+    last_bundle: std::sync::atomic::AtomicI64,
     config_path: Option<PathBuf>,
     started: Instant,
 }
@@ -109,6 +120,10 @@ pub struct Control {
 struct Bootstrap {
     store: config::StoreConfig,
     admin: Option<config::AdminConfig>,
+    /// Pinned so that nothing applied at run time — not even a signed bundle — can drop
+    /// the signature requirement or swap the trusted keys.
+    bundles: config::BundlesConfig,
+    pull: Option<config::PullConfig>,
 }
 
 impl Bootstrap {
@@ -116,16 +131,23 @@ impl Bootstrap {
         Bootstrap {
             store: config.store.clone(),
             admin: config.admin.clone(),
+            bundles: config.bundles.clone(),
+            pull: config.pull.clone(),
         }
     }
 
     fn pin(&self, config: &mut Config) {
         config.store = self.store.clone();
         config.admin = self.admin.clone();
+        config.bundles = self.bundles.clone();
+        config.pull = self.pull.clone();
     }
 
     fn matches(&self, config: &Config) -> bool {
-        config.store == self.store && config.admin == self.admin
+        config.store == self.store
+            && config.admin == self.admin
+            && config.bundles == self.bundles
+            && config.pull == self.pull
     }
 }
 
@@ -224,6 +246,7 @@ impl Control {
                 "first start: seeded from the config file",
             ),
         };
+        let last_bundle = store.last_bundle_version()?;
         let gateway = Arc::new(Gateway::start(config.clone(), config_path.clone()).await?);
         let info = match existing {
             Some(info) => info,
@@ -261,6 +284,8 @@ impl Control {
             ))),
             bootstrap: parking_lot::RwLock::new(bootstrap),
             guard: Mutex::new(None),
+            pull: Mutex::new(pull::PullStatus::default()),
+            last_bundle: std::sync::atomic::AtomicI64::new(last_bundle.unwrap_or(0)),
             config_path,
             started: Instant::now(),
         }))
@@ -321,6 +346,18 @@ impl Control {
         if present("admin") && config.admin != bootstrap.admin {
             errors.push(ConfigError {
                 path: "admin".into(),
+                message: "a bootstrap setting: change it in the config file and restart".into(),
+            });
+        }
+        if present("bundles") && config.bundles != bootstrap.bundles {
+            errors.push(ConfigError {
+                path: "bundles".into(),
+                message: "a bootstrap setting: change it in the config file and restart".into(),
+            });
+        }
+        if present("pull") && config.pull != bootstrap.pull {
+            errors.push(ConfigError {
+                path: "pull".into(),
                 message: "a bootstrap setting: change it in the config file and restart".into(),
             });
         }
@@ -524,11 +561,135 @@ impl Control {
         Ok(outcome)
     }
 
+    /// The bundle settings the process started with (`[bundles]` is a bootstrap setting).
+    pub fn bundle_settings(&self) -> config::BundlesConfig {
+        self.bootstrap.read().bundles.clone()
+    }
+
+    /// `[pull]` as started, with `ca` resolved against the config file's directory.
+    pub fn pull_config(&self) -> Option<config::PullConfig> {
+        let mut pull = self.bootstrap.read().pull.clone()?;
+        if let (Some(ca), Some(dir)) = (
+            pull.ca.as_ref(),
+            self.config_path.as_deref().and_then(Path::parent),
+        ) {
+            if Path::new(ca).is_relative() {
+                pull.ca = Some(dir.join(ca).display().to_string());
+            }
+        }
+        Some(pull)
+    }
+
+    pub fn pull_status(&self) -> pull::PullStatus {
+        self.pull.lock().clone()
+    }
+
+    pub(crate) fn update_pull_status(&self, update: impl FnOnce(&mut pull::PullStatus)) {
+        update(&mut self.pull.lock());
+    }
+
+    /// The highest bundle version applied so far.
+    pub fn last_bundle_version(&self) -> Option<i64> {
+        let version = self.last_bundle.load(std::sync::atomic::Ordering::Acquire);
+        (version > 0).then_some(version)
+    }
+
+    /// Applies a bundle file (SPEC CTRL-8): parse, verify the signature against the
+    /// trusted keys, refuse a version not newer than the last applied bundle, validate the
+    /// config like a submitted one, then apply it through the usual store-first path with
+    /// the bundle recorded in the same transaction. Any refusal changes nothing.
+    pub fn apply_bundle(&self, text: &str, change: &Change<'_>) -> Result<Outcome, ControlError> {
+        let result = self.apply_bundle_unrecorded(text, change);
+        self.record(&result);
+        result
+    }
+
+    fn apply_bundle_unrecorded(
+        &self,
+        text: &str,
+        change: &Change<'_>,
+    ) -> Result<Outcome, ControlError> {
+        let bundle = bundle::Bundle::parse(text)?;
+        let key_name = bundle.verify(&self.bundle_settings())?;
+        let config = self.parse_submitted(&bundle.config, Format::Json)?;
+        let mut store = self.store.lock();
+        if let Some(last) = store.last_bundle_version()? {
+            if bundle.version <= last {
+                return Err(bundle::BundleError::Replay {
+                    version: bundle.version,
+                    last,
+                }
+                .into());
+            }
+        }
+        let message = if change.message.is_empty() {
+            format!(
+                "bundle {} by {} ({}){}",
+                bundle.version,
+                bundle.author,
+                bundle.created,
+                key_name.as_deref().map_or_else(
+                    || ", unsigned".to_string(),
+                    |key| format!(", signed by {key}")
+                )
+            )
+        } else {
+            change.message.to_string()
+        };
+        let change = Change {
+            message: &message,
+            ..*change
+        };
+        let record = |tx: &rusqlite::Transaction<'_>, config_version: i64| {
+            store::record_bundle(
+                tx,
+                &store::AppliedBundle {
+                    version: bundle.version,
+                    config_version,
+                    author: &bundle.author,
+                    created: &bundle.created,
+                    key_name: key_name.as_deref(),
+                },
+            )
+        };
+        let outcome = self.apply_locked_with(&mut store, config, &change, Some(&record))?;
+        if !outcome.changed {
+            // Same config as running: still remember the bundle, so an older one cannot
+            // be replayed over it later.
+            let tx = store.begin()?;
+            record(&tx, outcome.info.version)?;
+            tx.commit().map_err(StoreError::from)?;
+        }
+        self.last_bundle
+            .store(bundle.version, std::sync::atomic::Ordering::Release);
+        tracing::info!(
+            bundle = bundle.version,
+            author = %bundle.author,
+            key = key_name.as_deref().unwrap_or("-"),
+            version = outcome.info.version,
+            "bundle applied"
+        );
+        Ok(outcome)
+    }
+
     fn apply_locked(
         &self,
         store: &mut Store,
         config: Config,
         change: &Change<'_>,
+    ) -> Result<Outcome, ControlError> {
+        self.apply_locked_with(store, config, change, None)
+    }
+
+    /// `apply_locked`, with `extra` written into the version's transaction before the
+    /// swap (a bundle record).
+    #[allow(clippy::type_complexity)]
+    fn apply_locked_with(
+        &self,
+        store: &mut Store,
+        config: Config,
+        change: &Change<'_>,
+        extra: Option<&dyn Fn(&rusqlite::Transaction<'_>, i64) -> Result<(), StoreError>>,
     ) -> Result<Outcome, ControlError> {
         let before = self.current();
         if let Some(expected) = change.if_match {
@@ -559,6 +720,9 @@ impl Control {
                 before: Some((before.info.version, &before.info.hash)),
             },
         )?;
+        if let Some(extra) = extra {
+            extra(&tx, info.version)?;
+        }
         // On error the transaction is dropped, which rolls it back: nothing changed.
         self.gateway
             .apply(config.clone())

@@ -158,6 +158,15 @@ const MIGRATIONS: &[&str] = &[
         after_hash     TEXT NOT NULL,
         message        TEXT NOT NULL
     );",
+    // 2: signed bundles applied, for replay protection (SPEC CTRL-8).
+    "CREATE TABLE bundles (
+        version        INTEGER PRIMARY KEY,
+        config_version INTEGER NOT NULL REFERENCES config_versions(id),
+        author         TEXT NOT NULL,
+        created        TEXT NOT NULL,
+        key_name       TEXT,
+        applied_at     TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this binary writes.
@@ -353,6 +362,15 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// The highest bundle version applied so far (SPEC CTRL-8), if any.
+    pub fn last_bundle_version(&self) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT max(version) FROM bundles", [], |row| row.get(0))
+            .optional()?
+            .flatten())
+    }
+
     /// Starts a write transaction. `Immediate` takes the write lock now, so a concurrent
     /// writer (another process on the same file) fails here, before memory is touched.
     pub fn begin(&mut self) -> Result<Transaction<'_>, StoreError> {
@@ -402,6 +420,33 @@ pub fn insert_version(
         created_at,
         message: new.message.to_string(),
     })
+}
+
+/// What `record_bundle` writes: a bundle's metadata and the config version it became.
+pub struct AppliedBundle<'a> {
+    pub version: i64,
+    pub config_version: i64,
+    pub author: &'a str,
+    pub created: &'a str,
+    pub key_name: Option<&'a str>,
+}
+
+/// Records an applied bundle inside `tx`, so its version and the config it carried commit
+/// together.
+pub fn record_bundle(tx: &Transaction<'_>, bundle: &AppliedBundle<'_>) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO bundles (version, config_version, author, created, key_name, applied_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            bundle.version,
+            bundle.config_version,
+            bundle.author,
+            bundle.created,
+            bundle.key_name,
+            now_rfc3339(),
+        ],
+    )?;
+    Ok(())
 }
 
 fn version_info(row: &rusqlite::Row<'_>) -> rusqlite::Result<VersionInfo> {
