@@ -602,10 +602,13 @@ async fn sigterm_exits_after_drain_timeout_when_a_request_never_finishes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_requests_reuse_one_upstream_connection() {
     let backend = ConnCountingBackend::start().await;
-    let gateway = Gateway::start(&config_with_pool(
+    // One worker: with several, a client connection on another worker can find the idle
+    // upstream connection still finishing its last response on its own worker and open a
+    // new one instead (docs/OPERATIONS.md, "Workers").
+    let gateway = Gateway::start(&one_worker(&config_with_pool(
         &[backend.addr],
         "[[routes]]\npool = \"app\"\n",
-    ));
+    )));
     let client = http1_client();
     for i in 0..10 {
         let conn = upstream_conn_of(&client, &gateway, &format!("/req/{i}")).await;
@@ -649,7 +652,7 @@ async fn upstream_connection_close_leads_to_a_fresh_connection_without_a_failed_
 async fn upstream_keep_alive_connections_survive_a_reload() {
     let backend = ConnCountingBackend::start().await;
     let routes = "[[routes]]\npool = \"app\"\n";
-    let gateway = Gateway::start(&config_with_pool(&[backend.addr], routes));
+    let gateway = Gateway::start(&one_worker(&config_with_pool(&[backend.addr], routes)));
     let client = http1_client();
     for i in 0..3 {
         assert_eq!(
@@ -659,10 +662,10 @@ async fn upstream_keep_alive_connections_survive_a_reload() {
     }
     let added = "[[routes]]\nmatch.path = \"/added\"\n\
                  direct_response = { status = 200, body = \"added\" }\n";
-    let outcome = gateway.reload_with(&config_with_pool(
+    let outcome = gateway.reload_with(&one_worker(&config_with_pool(
         &[backend.addr],
         &format!("{added}\n{routes}"),
-    ));
+    )));
     assert!(outcome.contains("reload succeeded"), "{outcome}");
     assert_eq!(
         get(&gateway.url("public", "/added")).await,
@@ -676,4 +679,9 @@ async fn upstream_keep_alive_connections_survive_a_reload() {
         );
     }
     assert_eq!(backend.connections(), 1);
+}
+
+/// Pins the gateway to one worker thread (see `sequential_requests_reuse_one_upstream_connection`).
+fn one_worker(config: &str) -> String {
+    format!("workers = 1\n{config}")
 }

@@ -90,6 +90,7 @@ pub async fn serve_connection<S>(
         listener: listener.clone(),
         scheme: if info.tls.is_some() { "https" } else { "http" },
         requests: AtomicU64::new(0),
+        first_request: tokio::sync::Notify::new(),
         tls_version: info.tls.as_ref().and_then(|tls| tls.version),
         sni: info.tls.as_ref().and_then(|tls| tls.sni.clone()),
         client_subject: info.tls.and_then(|tls| tls.client_subject),
@@ -99,16 +100,34 @@ pub async fn serve_connection<S>(
     // Boxed: hyper keeps a slot the size of the service future in every HTTP/1 connection,
     // idle or not, and moves the future into it per request. The proxy future is tens of
     // KiB; a box makes the slot one pointer (per idle connection memory, docs/BENCHMARKS.md).
+    let conn_for_drain = conn.clone();
+    let header_timeout = limits.request_header_timeout.0;
     let service = service_fn(move |request| Box::pin(proxy.clone().handle(conn.clone(), request)));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
         _ = drain.cancelled() => {
+            // A connection accepted just before the drain began has usually not sent its
+            // request yet, and hyper would close it at once as idle: the client, who did
+            // nothing wrong, would see its request fail. Serve that first request (bounded
+            // by the header timeout), then close; connections that already served requests
+            // and sit idle close now.
+            if conn_for_drain.requests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                let first = tokio::time::timeout(header_timeout, conn_for_drain.first_request.notified());
+                tokio::select! {
+                    result = connection.as_mut() => return log_end(peer, result),
+                    _ = first => {}
+                }
+            }
             connection.as_mut().graceful_shutdown();
             connection.await
         }
     };
+    log_end(peer, result);
+}
+
+fn log_end<E: std::fmt::Display>(peer: std::net::SocketAddr, result: Result<(), E>) {
     if let Err(err) = result {
         tracing::debug!(peer = %peer, error = %err, "connection ended with an error");
     }

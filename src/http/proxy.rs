@@ -62,6 +62,8 @@ pub struct Connection {
     pub listener_name: Arc<str>,
     pub scheme: &'static str,
     pub requests: AtomicU64,
+    /// Signalled when the first request arrives (a drain waits for it; see `serve_connection`).
+    pub first_request: tokio::sync::Notify,
     /// Negotiated TLS version and the client's SNI, on terminated TLS (for the log).
     pub tls_version: Option<&'static str>,
     pub sni: Option<Arc<str>>,
@@ -100,6 +102,9 @@ impl Proxy {
         let observed_from = std::time::Instant::now();
         let method = metrics::method_index(request.method());
         let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
+        if served == 1 {
+            conn.first_request.notify_one();
+        }
         let request_id = request
             .headers()
             .get(&snapshot.http.request_id_header)
