@@ -292,6 +292,74 @@ async fn grpc_admin_mirrors_rest_with_auth_and_optimistic_concurrency() {
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 
+    // A route's L7 policies, named ROUTE/POLICY.
+    let status_with_agent = |agent: &'static str| {
+        let url = format!("http://{}/", gateway.addr("public"));
+        async move {
+            reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .unwrap()
+                .get(url)
+                .header("user-agent", agent)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status_with_agent("badbot/1.0").await, 200);
+    let put = client
+        .put_resource(admin(pb::PutResourceRequest {
+            kind: "policy".into(),
+            name: "main/no-bots".into(),
+            json: json!({"action": "deny", "user_agent": "BadBot"}).to_string(),
+            options: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(put.changed);
+    assert_eq!(status_with_agent("badbot/1.0").await, 403);
+    assert_eq!(status_with_agent("curl/8").await, 200);
+    let listed = client
+        .list_resources(admin(pb::ListResourcesRequest {
+            kind: "policies".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let listed = json(&listed);
+    assert_eq!(listed["routes"][0]["route"], "main");
+    assert_eq!(listed["routes"][0]["policies"][0]["name"], "no-bots");
+    let policy = client
+        .get_resource(admin(pb::ResourceRequest {
+            kind: "policy".into(),
+            name: "main/no-bots".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(json(&policy)["user_agent"], "BadBot");
+    let err = client
+        .get_resource(admin(pb::ResourceRequest {
+            kind: "policy".into(),
+            name: "no-slash".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    client
+        .delete_resource(admin(pb::DeleteResourceRequest {
+            kind: "policy".into(),
+            name: "main/no-bots".into(),
+            options: None,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(status_with_agent("badbot/1.0").await, 200);
+
     // Pools.
     let put = client
         .put_resource(admin(pb::PutResourceRequest {
@@ -415,6 +483,8 @@ async fn grpc_admin_mirrors_rest_with_auth_and_optimistic_concurrency() {
             "rollback",
             "put_route",
             "delete_route",
+            "put_policy",
+            "delete_policy",
             "put_pool",
             "put_firewall",
             "set_max_connections"

@@ -980,7 +980,7 @@ impl Admin {
                     Kind::Pool
                 };
                 let meta = ChangeMeta::of(&request, caller)?;
-                let edit = kind.delete(routed.param(0)?.to_string());
+                let edit = kind.delete(routed.param(0)?.to_string())?;
                 self.edit(meta, edit).await
             }
             Op::ListPolicies => {
@@ -1552,12 +1552,26 @@ pub(super) fn breakers(control: &Control) -> Value {
 }
 
 /// The named parts of the config the admin APIs list, read, replace and remove, by the
-/// same code for REST and gRPC. A new kind (a route's policies, say) is a new variant here
-/// plus its REST routes; gRPC takes it by name (`kind`) with no proto change.
+/// same code for REST and gRPC. A new kind is a new variant here plus its REST routes; gRPC
+/// takes it by name (`kind`) with no proto change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
     Route,
     Pool,
+    /// A route's L7 policy, named `ROUTE/POLICY` over gRPC (REST has the two in its path).
+    Policy,
+}
+
+/// Splits a `ROUTE/POLICY` name.
+fn policy_name(name: &str) -> Result<(String, String), ApiError> {
+    match name.split_once('/') {
+        Some((route, policy)) if !route.is_empty() && !policy.is_empty() => {
+            Ok((route.to_string(), policy.to_string()))
+        }
+        _ => Err(ApiError::BadRequest(format!(
+            "name: {name:?} is not ROUTE/POLICY"
+        ))),
+    }
 }
 
 /// A prepared change of the config: audit action, default message, and the edit itself.
@@ -1576,8 +1590,9 @@ impl Kind {
         match text {
             "route" | "routes" => Ok(Kind::Route),
             "pool" | "pools" => Ok(Kind::Pool),
+            "policy" | "policies" => Ok(Kind::Policy),
             other => Err(ApiError::BadRequest(format!(
-                "kind: {other:?} is not one of route, pool"
+                "kind: {other:?} is not one of route, pool, policy"
             ))),
         }
     }
@@ -1597,6 +1612,19 @@ impl Kind {
                 json!({"version": version, "routes": routes})
             }
             Kind::Pool => json!({"version": version, "pools": current.config.pools}),
+            Kind::Policy => {
+                let routes: Vec<Value> = current
+                    .config
+                    .routes
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, route)| !route.policies.is_empty())
+                    .map(|(index, route)| {
+                        json!({"route": resources::route_name(index, route), "policies": route.policies})
+                    })
+                    .collect();
+                json!({"version": version, "routes": routes})
+            }
         };
         Ok((version, body))
     }
@@ -1614,6 +1642,17 @@ impl Kind {
                     .ok_or_else(|| unknown("pool", name))?;
                 serde_json::to_value(pool).map_err(ControlError::from)?
             }
+            Kind::Policy => {
+                let (route_name, policy) = policy_name(name)?;
+                let (_, route) = resources::find_route(&current.config, &route_name)
+                    .ok_or_else(|| unknown("route", &route_name))?;
+                let found = route
+                    .policies
+                    .iter()
+                    .find(|p| p.name == policy)
+                    .ok_or_else(|| unknown("policy", &policy))?;
+                serde_json::to_value(found).map_err(ControlError::from)?
+            }
         };
         Ok((current.info.version, body))
     }
@@ -1621,12 +1660,19 @@ impl Kind {
     /// Replaces or adds `name` with `body` (its `name` may be omitted; when given it must
     /// match).
     pub(super) fn put(self, name: String, mut body: Value) -> Result<ResourceEdit, ApiError> {
+        let route_and_policy = match self {
+            Kind::Policy => Some(policy_name(&name)?),
+            Kind::Route | Kind::Pool => None,
+        };
+        let own_name = route_and_policy
+            .as_ref()
+            .map_or(name.as_str(), |(_, policy)| policy.as_str());
         if let Some(object) = body.as_object_mut() {
             match object.get("name") {
                 None => {
-                    object.insert("name".into(), json!(name));
+                    object.insert("name".into(), json!(own_name));
                 }
-                Some(given) => check_body_name(given.as_str(), &name)?,
+                Some(given) => check_body_name(given.as_str(), own_name)?,
             }
         }
         Ok(match self {
@@ -1646,11 +1692,22 @@ impl Kind {
                     edit: Box::new(move |config| resources::put_pool(config, &name, pool)),
                 }
             }
+            Kind::Policy => {
+                let policy: crate::config::policy::PolicyRuleConfig = from_value(body)?;
+                let (route, policy_name) = route_and_policy.unwrap_or_default();
+                ResourceEdit {
+                    action: "put_policy",
+                    message: format!("route {route}: put policy {policy_name}"),
+                    edit: Box::new(move |config| {
+                        resources::put_policy(config, &route, &policy_name, policy)
+                    }),
+                }
+            }
         })
     }
 
-    pub(super) fn delete(self, name: String) -> ResourceEdit {
-        match self {
+    pub(super) fn delete(self, name: String) -> Result<ResourceEdit, ApiError> {
+        Ok(match self {
             Kind::Route => ResourceEdit {
                 action: "delete_route",
                 message: format!("route {name}: delete"),
@@ -1663,7 +1720,17 @@ impl Kind {
                 message: format!("pool {name}: delete"),
                 edit: Box::new(move |config| resources::delete_pool(config, &name).map(|()| false)),
             },
-        }
+            Kind::Policy => {
+                let (route, policy) = policy_name(&name)?;
+                ResourceEdit {
+                    action: "delete_policy",
+                    message: format!("route {route}: delete policy {policy}"),
+                    edit: Box::new(move |config| {
+                        resources::delete_policy(config, &route, &policy).map(|()| false)
+                    }),
+                }
+            }
+        })
     }
 }
 

@@ -480,7 +480,7 @@ impl pb::admin_server::Admin for AdminRpc {
         let request = request.into_inner();
         let kind = Kind::parse(&request.kind).map_err(to_status)?;
         let meta = meta(actor, request.options)?;
-        self.edit(meta, Ok(kind.delete(request.name))).await
+        self.edit(meta, kind.delete(request.name)).await
     }
 
     async fn get_firewall(&self, request: Request<pb::Empty>) -> RpcResult<pb::JsonReply> {
