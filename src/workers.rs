@@ -5,7 +5,7 @@
 //! A connection and the upstream connections it opens stay on one thread, so the wake-ups
 //! between the client side and the upstream side never cross threads and no work-stealing
 //! bookkeeping runs per task. Measured against tokio's multi-threaded scheduler with the
-//! same worker count: about a quarter less CPU per proxied request (docs/BENCHMARKS.md).
+//! same worker count: 14–23 % less CPU per proxied request (docs/BENCHMARKS.md).
 //!
 //! The main thread's runtime is worker 0 and also runs the control plane; workers 1..N
 //! are extra threads. Connections are spread round robin. Without `install` (the library
