@@ -802,34 +802,25 @@ async fn resource(
             file,
             message,
         } => {
-            let body = read_object_file(file)?;
-            let answer = client
-                .send(
-                    Method::PUT,
-                    &format!("/{kind}/{name}"),
-                    &message_header(message.as_deref()),
-                    Some(("application/json", body)),
-                )
-                .await?;
-            let what = if answer.status == StatusCode::CREATED {
-                format!("{singular} {name} added")
-            } else {
-                format!("{singular} {name} replaced")
-            };
-            print_or(out, args, &answer.body, |body| changed_line(body, &what))
+            put_file(
+                client,
+                out,
+                &format!("/{kind}/{name}"),
+                file,
+                message,
+                &format!("{singular} {name}"),
+            )
+            .await
         }
         ResourceCommand::Remove { name, message } => {
-            let answer = client
-                .send(
-                    Method::DELETE,
-                    &format!("/{kind}/{name}"),
-                    &message_header(message.as_deref()),
-                    None,
-                )
-                .await?;
-            print_or(out, args, &answer.body, |body| {
-                changed_line(body, &format!("{singular} {name} removed"))
-            })
+            remove(
+                client,
+                out,
+                &format!("/{kind}/{name}"),
+                message,
+                &format!("{singular} {name}"),
+            )
+            .await
         }
     }
 }
@@ -858,40 +849,82 @@ async fn policies(
             file,
             message,
         } => {
-            let body = read_object_file(file)?;
-            let answer = client
-                .send(
-                    Method::PUT,
-                    &format!("/routes/{route}/policies/{name}"),
-                    &message_header(message.as_deref()),
-                    Some(("application/json", body)),
-                )
-                .await?;
-            let what = if answer.status == StatusCode::CREATED {
-                format!("route {route}: policy {name} added")
-            } else {
-                format!("route {route}: policy {name} replaced")
-            };
-            print_or(out, args, &answer.body, |body| changed_line(body, &what))
+            put_file(
+                client,
+                out,
+                &format!("/routes/{route}/policies/{name}"),
+                file,
+                message,
+                &format!("route {route}: policy {name}"),
+            )
+            .await
         }
         PoliciesCommand::Remove {
             route,
             name,
             message,
         } => {
-            let answer = client
-                .send(
-                    Method::DELETE,
-                    &format!("/routes/{route}/policies/{name}"),
-                    &message_header(message.as_deref()),
-                    None,
-                )
-                .await?;
-            print_or(out, args, &answer.body, |body| {
-                changed_line(body, &format!("route {route}: policy {name} removed"))
-            })
+            remove(
+                client,
+                out,
+                &format!("/routes/{route}/policies/{name}"),
+                message,
+                &format!("route {route}: policy {name}"),
+            )
+            .await
         }
     }
+}
+
+/// PUTs a JSON object read from `file` to `path`; prints "<what> added" or "<what> replaced".
+async fn put_file(
+    client: &Client<'_>,
+    out: &mut impl Write,
+    path: &str,
+    file: &Path,
+    message: &Option<String>,
+    what: &str,
+) -> Result<(), CtlError> {
+    let body = read_object_file(file)?;
+    let answer = client
+        .send(
+            Method::PUT,
+            path,
+            &message_header(message.as_deref()),
+            Some(("application/json", body)),
+        )
+        .await?;
+    let done = if answer.status == StatusCode::CREATED {
+        "added"
+    } else {
+        "replaced"
+    };
+    let line = format!("{what} {done}");
+    print_or(out, client.args, &answer.body, |body| {
+        changed_line(body, &line)
+    })
+}
+
+/// DELETEs `path`; prints "<what> removed".
+async fn remove(
+    client: &Client<'_>,
+    out: &mut impl Write,
+    path: &str,
+    message: &Option<String>,
+    what: &str,
+) -> Result<(), CtlError> {
+    let answer = client
+        .send(
+            Method::DELETE,
+            path,
+            &message_header(message.as_deref()),
+            None,
+        )
+        .await?;
+    let line = format!("{what} removed");
+    print_or(out, client.args, &answer.body, |body| {
+        changed_line(body, &line)
+    })
 }
 
 fn policies_table(body: &Value) -> String {

@@ -890,27 +890,8 @@ impl Admin {
             }
             Op::Rollback => {
                 let version = parse_version(routed.param(0)?)?;
-                let if_match = if_match(request.headers())?;
-                let message = change_message(request.headers())?;
-                let message = if message.is_empty() {
-                    format!("rollback to version {version}")
-                } else {
-                    message
-                };
-                let actor = actor(caller);
-                let control = self.control.clone();
-                let outcome = blocking(move || {
-                    control.rollback(
-                        version,
-                        &Change {
-                            actor: &actor,
-                            action: "rollback",
-                            message: &message,
-                            if_match,
-                        },
-                    )
-                })
-                .await??;
+                let meta = ChangeMeta::of(&request, caller)?;
+                let outcome = rollback(self.control.clone(), meta, version).await?;
                 let mut response = json_response(StatusCode::OK, &outcome);
                 set_etag(&mut response, outcome.info.version);
                 Ok(response)
@@ -994,19 +975,9 @@ impl Admin {
                 )
             }
             Op::GetPolicy => {
-                let (name, policy) = (routed.param(0)?, routed.param(1)?);
-                let current = control.current();
-                let (_, route) = resources::find_route(&current.config, name)
-                    .ok_or_else(|| unknown("route", name))?;
-                let found = route
-                    .policies
-                    .iter()
-                    .find(|p| p.name == policy)
-                    .ok_or_else(|| unknown("policy", policy))?;
-                versioned(
-                    current.info.version,
-                    serde_json::to_value(found).map_err(ControlError::from)?,
-                )
+                let name = format!("{}/{}", routed.param(0)?, routed.param(1)?);
+                let (version, body) = Kind::Policy.get(control, &name)?;
+                versioned(version, body)
             }
             Op::PutPolicies => {
                 let name = routed.param(0)?.to_string();
@@ -1017,12 +988,11 @@ impl Admin {
                     body = list.take();
                 }
                 let policies: Vec<crate::config::policy::PolicyRuleConfig> = from_value(body)?;
-                let message = meta.message_or(format!("route {name}: put policies"));
                 self.edit(
                     meta,
                     ResourceEdit {
                         action: "put_policies",
-                        message,
+                        message: format!("route {name}: put policies"),
                         edit: Box::new(move |config| {
                             resources::put_policies(config, &name, policies)
                         }),
@@ -1031,48 +1001,15 @@ impl Admin {
                 .await
             }
             Op::PutPolicy => {
-                let (name, policy_name) =
-                    (routed.param(0)?.to_string(), routed.param(1)?.to_string());
+                let name = format!("{}/{}", routed.param(0)?, routed.param(1)?);
                 let meta = ChangeMeta::of(&request, caller)?;
-                let mut body: Value = read_json(request).await?;
-                if let Some(object) = body.as_object_mut() {
-                    match object.get("name").cloned() {
-                        None => {
-                            object.insert("name".into(), json!(policy_name));
-                        }
-                        Some(given) => check_body_name(given.as_str(), &policy_name)?,
-                    }
-                }
-                let policy: crate::config::policy::PolicyRuleConfig = from_value(body)?;
-                let message = meta.message_or(format!("route {name}: put policy {policy_name}"));
-                self.edit(
-                    meta,
-                    ResourceEdit {
-                        action: "put_policy",
-                        message,
-                        edit: Box::new(move |config| {
-                            resources::put_policy(config, &name, &policy_name, policy)
-                        }),
-                    },
-                )
-                .await
+                let body: Value = read_json(request).await?;
+                self.edit(meta, Kind::Policy.put(name, body)?).await
             }
             Op::DeletePolicy => {
-                let (name, policy_name) =
-                    (routed.param(0)?.to_string(), routed.param(1)?.to_string());
+                let name = format!("{}/{}", routed.param(0)?, routed.param(1)?);
                 let meta = ChangeMeta::of(&request, caller)?;
-                let message = meta.message_or(format!("route {name}: delete policy {policy_name}"));
-                self.edit(
-                    meta,
-                    ResourceEdit {
-                        action: "delete_policy",
-                        message,
-                        edit: Box::new(move |config| {
-                            resources::delete_policy(config, &name, &policy_name).map(|()| false)
-                        }),
-                    },
-                )
-                .await
+                self.edit(meta, Kind::Policy.delete(name)?).await
             }
             Op::GetFirewall => {
                 let current = control.current();
@@ -1139,32 +1076,11 @@ impl Admin {
             }
             Op::SetMaxConnections => {
                 let name = routed.param(0)?.to_string();
-                let if_match = if_match(request.headers())?;
-                let message = change_message(request.headers())?;
+                let meta = ChangeMeta::of(&request, caller)?;
                 let body: MaxConnectionsBody = read_json(request).await?;
-                let message = if message.is_empty() {
-                    format!(
-                        "listener {name}: max_connections = {}",
-                        body.max_connections
-                    )
-                } else {
-                    message
-                };
-                let actor = actor(caller);
-                let control = self.control.clone();
-                let outcome = blocking(move || {
-                    control.set_max_connections(
-                        &name,
-                        body.max_connections,
-                        &Change {
-                            actor: &actor,
-                            action: "set_max_connections",
-                            message: &message,
-                            if_match,
-                        },
-                    )
-                })
-                .await??;
+                let outcome =
+                    set_max_connections(self.control.clone(), meta, name, body.max_connections)
+                        .await?;
                 let mut response = json_response(StatusCode::OK, &outcome);
                 set_etag(&mut response, outcome.info.version);
                 Ok(response)
@@ -1745,6 +1661,50 @@ pub(super) fn put_firewall(body: Value) -> Result<ResourceEdit, ApiError> {
             Ok(false)
         }),
     })
+}
+
+/// Rolls back to `version` as a new version (REST and gRPC).
+pub(super) async fn rollback(
+    control: Arc<Control>,
+    meta: ChangeMeta,
+    version: i64,
+) -> Result<Outcome, ApiError> {
+    let message = meta.message_or(format!("rollback to version {version}"));
+    Ok(blocking(move || {
+        control.rollback(
+            version,
+            &Change {
+                actor: &meta.actor,
+                action: "rollback",
+                message: &message,
+                if_match: meta.if_match,
+            },
+        )
+    })
+    .await??)
+}
+
+/// Sets a listener's connection limit as a new version (REST and gRPC).
+pub(super) async fn set_max_connections(
+    control: Arc<Control>,
+    meta: ChangeMeta,
+    listener: String,
+    limit: u32,
+) -> Result<Outcome, ApiError> {
+    let message = meta.message_or(format!("listener {listener}: max_connections = {limit}"));
+    Ok(blocking(move || {
+        control.set_max_connections(
+            &listener,
+            limit,
+            &Change {
+                actor: &meta.actor,
+                action: "set_max_connections",
+                message: &message,
+                if_match: meta.if_match,
+            },
+        )
+    })
+    .await??)
 }
 
 /// Runs an edit as a new version (`Control::edit`) off the async workers; returns the

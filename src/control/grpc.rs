@@ -415,22 +415,9 @@ impl pb::admin_server::Admin for AdminRpc {
         }
         let version = request.version;
         let meta = meta(actor, request.options)?;
-        let message = meta.message_or(format!("rollback to version {version}"));
-        let control = self.control();
-        let outcome = admin::blocking(move || {
-            control.rollback(
-                version,
-                &Change {
-                    actor: &meta.actor,
-                    action: "rollback",
-                    message: &message,
-                    if_match: meta.if_match,
-                },
-            )
-        })
-        .await
-        .and_then(|result| result.map_err(ApiError::from))
-        .map_err(to_status)?;
+        let outcome = admin::rollback(self.control(), meta, version)
+            .await
+            .map_err(to_status)?;
         change_reply(outcome, false)
     }
 
@@ -542,23 +529,13 @@ impl pb::admin_server::Admin for AdminRpc {
         let actor = self.auth(&request, AdminScope::Admin)?;
         let request = request.into_inner();
         let meta = meta(actor, request.options)?;
-        let (name, limit) = (request.listener, request.max_connections);
-        let message = meta.message_or(format!("listener {name}: max_connections = {limit}"));
-        let control = self.control();
-        let outcome = admin::blocking(move || {
-            control.set_max_connections(
-                &name,
-                limit,
-                &Change {
-                    actor: &meta.actor,
-                    action: "set_max_connections",
-                    message: &message,
-                    if_match: meta.if_match,
-                },
-            )
-        })
+        let outcome = admin::set_max_connections(
+            self.control(),
+            meta,
+            request.listener,
+            request.max_connections,
+        )
         .await
-        .and_then(|result| result.map_err(ApiError::from))
         .map_err(to_status)?;
         change_reply(outcome, false)
     }
