@@ -34,6 +34,12 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
 /// Removes hop-by-hop headers, including every field named in `Connection`.
 /// Returns whether the request asked for `TE: trailers`, which gRPC needs end to end.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
+    // Most requests carry none of them: one pass over the names is cheaper than hashing
+    // each of the eight for a removal that finds nothing.
+    let fixed = fixed_hop_by_hop();
+    if !headers.keys().any(|name| fixed.contains(&name)) {
+        return false;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -50,7 +56,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
-    for name in fixed_hop_by_hop() {
+    for name in fixed {
         headers.remove(name);
     }
     te_trailers
@@ -101,6 +107,8 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, settings: &HttpSettings) -> 
 /// What the forwarding headers say about the request.
 pub struct ForwardInfo<'a> {
     pub peer: IpAddr,
+    /// `peer` as a header value, formatted once per connection.
+    pub peer_value: &'a HeaderValue,
     pub client: IpAddr,
     pub proto: &'static str,
     pub host: Option<&'a str>,
@@ -115,7 +123,10 @@ pub fn set_forwarding(
     version: http::Version,
 ) {
     let trusted = settings.is_trusted(info.peer);
-    let peer_text = info.peer.to_string();
+    let client_value = || match info.client == info.peer {
+        true => Some(info.peer_value.clone()),
+        false => HeaderValue::from_str(&info.client.to_string()).ok(),
+    };
     let xff = match (settings.xff_mode, trusted) {
         (XffMode::Append, true) => {
             let existing: Vec<&str> = headers
@@ -124,15 +135,15 @@ pub fn set_forwarding(
                 .filter_map(|v| v.to_str().ok())
                 .collect();
             if existing.is_empty() {
-                peer_text.clone()
+                Some(info.peer_value.clone())
             } else {
-                format!("{}, {peer_text}", existing.join(", "))
+                HeaderValue::from_str(&format!("{}, {}", existing.join(", "), info.peer)).ok()
             }
         }
-        (XffMode::Append, false) => peer_text.clone(),
-        (XffMode::Replace, _) => info.client.to_string(),
+        (XffMode::Append, false) => Some(info.peer_value.clone()),
+        (XffMode::Replace, _) => client_value(),
     };
-    if let Ok(value) = HeaderValue::from_str(&xff) {
+    if let Some(value) = xff {
         headers.insert(&X_FORWARDED_FOR, value);
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -148,7 +159,7 @@ pub fn set_forwarding(
             }
         }
     }
-    if let Ok(value) = HeaderValue::from_str(&info.client.to_string()) {
+    if let Some(value) = client_value() {
         headers.insert(&X_REAL_IP, value);
     }
     if settings.add_forwarded {

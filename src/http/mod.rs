@@ -84,6 +84,7 @@ pub async fn serve_connection<S>(
     let peer = info.client;
     let conn = Arc::new(Connection {
         peer,
+        peer_value: peer_header_value(peer.ip()),
         local: info.local,
         framing,
         listener_name: listener.name.as_str().into(),
@@ -102,7 +103,8 @@ pub async fn serve_connection<S>(
     // KiB; a box makes the slot one pointer (per idle connection memory, docs/BENCHMARKS.md).
     let conn_for_drain = conn.clone();
     let header_timeout = limits.request_header_timeout.0;
-    let service = service_fn(move |request| Box::pin(proxy.clone().handle(conn.clone(), request)));
+    let service =
+        service_fn(move |request| pin_box_in_place(|| proxy.clone().handle(conn.clone(), request)));
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
@@ -135,4 +137,20 @@ fn log_end<E: std::fmt::Display>(peer: std::net::SocketAddr, result: Result<(), 
 
 fn clamp_window(bytes: u64) -> u32 {
     bytes.clamp(65_535, (1 << 31) - 1) as u32
+}
+
+/// An IP address as a header value; every IP's text is a valid header value.
+fn peer_header_value(ip: std::net::IpAddr) -> http::HeaderValue {
+    http::HeaderValue::try_from(ip.to_string())
+        .unwrap_or_else(|_| http::HeaderValue::from_static(""))
+}
+
+/// Boxes the future `make` returns, building it in its heap slot: `Box::pin(make())`
+/// builds the future on the stack and copies it, and the proxy future is KiB large and
+/// boxed per request — that copy was the largest `memcpy` in profiles (BENCHMARKS.md).
+fn pin_box_in_place<F>(make: impl FnOnce() -> F) -> std::pin::Pin<Box<F>> {
+    let mut slot = Box::<F>::new_uninit();
+    slot.write(make());
+    // SAFETY: `write` initialised the slot.
+    Box::into_pin(unsafe { slot.assume_init() })
 }

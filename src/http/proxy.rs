@@ -56,6 +56,8 @@ pub struct Proxy {
 pub struct Connection {
     /// The client address (from a trusted PROXY header when one was received).
     pub peer: SocketAddr,
+    /// The client's IP as a header value (`X-Forwarded-For`, `X-Real-IP`), formatted once.
+    pub peer_value: HeaderValue,
     /// The gateway address the client connected to.
     pub local: SocketAddr,
     pub listener: Arc<ListenerConfig>,
@@ -99,7 +101,7 @@ impl Proxy {
         request: Request<Incoming>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let snapshot = self.publisher.load();
-        let observed_from = std::time::Instant::now();
+        let started = Instant::now();
         let method = metrics::method_index(request.method());
         let served = conn.requests.fetch_add(1, Ordering::Relaxed) + 1;
         if served == 1 {
@@ -153,7 +155,6 @@ impl Proxy {
             spans,
             pool: None,
         };
-        let started = Instant::now();
         // hyper dropped Content-Length from this request and kept Transfer-Encoding, so
         // only the raw-head scanner knows it had both (RFC 9112 §6.1: a smuggling attempt
         // until proven otherwise).
@@ -210,7 +211,7 @@ impl Proxy {
             route_metrics,
             method,
             response.status().as_u16(),
-            observed_from,
+            started.into_std(),
         )
         .with_trace(spans);
         let (parts, mut body) = response.into_parts();
@@ -262,7 +263,7 @@ impl Proxy {
             headers: request.headers(),
             client_ip,
         };
-        let match_started = otlp::now_nanos();
+        let match_started = exchange.spans.as_ref().map_or(0, |_| otlp::now_nanos());
         let found = snapshot.router.lookup(&facts);
         if let Some(spans) = exchange.spans.as_mut() {
             let route = found.map_or("none".to_owned(), |index| {
@@ -476,6 +477,7 @@ impl Proxy {
             &mut parts.headers,
             &ForwardInfo {
                 peer: conn.peer.ip(),
+                peer_value: &conn.peer_value,
                 client: client_ip,
                 proto: conn.scheme,
                 host: host_raw.as_deref(),
@@ -643,7 +645,7 @@ impl Proxy {
                 },
                 None => None,
             };
-            let select_started = otlp::now_nanos();
+            let select_started = exchange.spans.as_ref().map_or(0, |_| otlp::now_nanos());
             let picked = pool.reserve(&pick_context, &tried).await;
             if let Some(spans) = exchange.spans.as_mut() {
                 let mut attributes = vec![("gatehouse.pool", pool.name.to_string())];
@@ -669,7 +671,7 @@ impl Proxy {
                 }
             }
             let (picked, reserved) = picked?;
-            let attempt_started = otlp::now_nanos();
+            let attempt_started = exchange.spans.as_ref().map_or(0, |_| otlp::now_nanos());
             if picked.panic {
                 flag(exchange, "panic");
             }
@@ -697,7 +699,6 @@ impl Proxy {
                 idempotent,
                 unsent: parking_lot::Mutex::new(None),
             };
-            let first = attempt.run(endpoint, reserved, body(&mut streamed));
             // Hedging (SPEC UP-8): a safe read whose first attempt is slow gets a second
             // one on another endpoint; the first good response head wins and the other
             // attempt is dropped, which closes its connection.
@@ -707,10 +708,14 @@ impl Proxy {
                 .filter(|_| tried.len() == 1 && replay.is_some() && is_safe(&parts.method));
             let (result, endpoint, in_flight, sent_at) = match hedge {
                 None => {
-                    let (result, in_flight, sent_at) = first.await;
+                    let (result, in_flight, sent_at) =
+                        attempt.run(endpoint, reserved, body(&mut streamed)).await;
                     (result, endpoint, in_flight, sent_at)
                 }
-                Some(hedge) => {
+                // Boxed: two attempts' state held at once would otherwise widen the future
+                // of every request, and each request's future is moved when it starts.
+                Some(hedge) => Box::pin(async {
+                    let first = attempt.run(endpoint, reserved, body(&mut streamed));
                     let mut first = std::pin::pin!(first);
                     tokio::select! {
                         (result, in_flight, sent_at) = first.as_mut() => (result, endpoint, in_flight, sent_at),
@@ -756,7 +761,8 @@ impl Proxy {
                             }
                         }
                     }
-                }
+                })
+                .await,
             };
             if let Some(log) = exchange.log.as_mut() {
                 log.record().endpoint = Some(endpoint.address.clone());
@@ -918,7 +924,7 @@ fn spawn_mirror(
         route,
         &mirror.pool,
         host_raw,
-        &endpoint.address,
+        endpoint,
         RequestBody::replay(body),
     );
     match request {
@@ -945,7 +951,7 @@ fn upstream_request(
     route: &Route,
     pool: &Pool,
     host_raw: &Option<String>,
-    address: &str,
+    endpoint: &Endpoint,
     mut body: RequestBody,
 ) -> Result<(Request<RequestBody>, BodyProgress), ProxyError> {
     let upstream_host: HeaderValue = match (&route.host_rewrite, route.preserve_host, host_raw) {
@@ -953,7 +959,10 @@ fn upstream_request(
         (None, true, Some(original)) => {
             HeaderValue::from_str(original).map_err(|_| ProxyError::BadRequest("invalid host"))?
         }
-        _ => HeaderValue::from_str(address).map_err(|_| ProxyError::BadRequest("invalid host"))?,
+        _ => endpoint
+            .host_header
+            .clone()
+            .ok_or(ProxyError::BadRequest("invalid host"))?,
     };
     let mut builder = Request::builder()
         .method(parts.method.clone())
@@ -1120,10 +1129,12 @@ impl Attempt<'_> {
             self.route,
             self.pool,
             self.host_raw,
-            &endpoint.address,
+            endpoint,
             body,
         )?;
-        let send = async {
+        // Pinned here and lent to `response_head`: an owned future would be stored twice
+        // (argument and pinned local), and this future holds the whole upstream exchange.
+        let send = std::pin::pin!(async {
             let sent = endpoint
                 .connections
                 .send_returning(
@@ -1142,7 +1153,7 @@ impl Attempt<'_> {
                 }
                 failure.error
             })
-        };
+        });
         response_head(send, &progress, self.per_try, self.deadline).await
     }
 }
@@ -1212,7 +1223,9 @@ pub fn backoff(retry: u32, base: Duration, max: Duration, rng: &mut fastrand::Rn
 /// off while it still moves (nginx and Envoy likewise start that clock once the request is
 /// sent), yet a body the upstream stopped reading still times out. The deadline is absolute.
 async fn response_head(
-    send: impl std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    mut send: std::pin::Pin<
+        &mut impl std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+    >,
     progress: &BodyProgress,
     wait: Duration,
     deadline: Option<Instant>,
@@ -1222,7 +1235,6 @@ async fn response_head(
         let at = last.max(started) + wait;
         deadline.map_or(at, |deadline| at.min(deadline))
     };
-    let mut send = std::pin::pin!(send);
     let mut at = expiry(progress.last());
     loop {
         tokio::select! {

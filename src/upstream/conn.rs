@@ -330,7 +330,9 @@ impl Connections {
             // Every allowed connection is open: wait for one to finish its exchange, or
             // to close. Requests in flight are capped at the same number (`Pool::reserve`),
             // so one of them is about to become free.
-            match self.wait_for_connection(pool, slots, settings, owner).await {
+            // Boxed, like the dial below: rare paths whose state would otherwise widen
+            // every request's future (which is moved, whole, whenever it starts).
+            match Box::pin(self.wait_for_connection(pool, slots, settings, owner)).await {
                 Ok(Freed::Permit(permit)) => break Some(permit),
                 Ok(Freed::Ready(conn)) => reusable = Some(conn),
                 Err(error) => {
@@ -341,7 +343,7 @@ impl Connections {
                 }
             }
         };
-        let io = match self.dial(settings, addrs).await {
+        let io = match Box::pin(self.dial(settings, addrs)).await {
             Ok(io) => io,
             Err(error) => {
                 return Err(SendFailure {
@@ -350,7 +352,7 @@ impl Connections {
                 })
             }
         };
-        let (mut sender, connection) = match http1::Builder::new().handshake(io).await {
+        let (mut sender, connection) = match Box::pin(http1::Builder::new().handshake(io)).await {
             Ok(handshake) => handshake,
             Err(source) => {
                 return Err(SendFailure {
@@ -499,7 +501,7 @@ impl Connections {
                 match self.live_h2(shared, owner, settings) {
                     Some(sender) => sender,
                     None => {
-                        let sender = match self.dial_h2(settings, addrs).await {
+                        let sender = match Box::pin(self.dial_h2(settings, addrs)).await {
                             Ok(sender) => sender,
                             Err(error) => {
                                 return Err(SendFailure {

@@ -66,6 +66,8 @@ pub enum UpstreamError {
 
 pub struct Endpoint {
     pub address: Arc<str>,
+    /// `address` as the default upstream `Host` value (none if it cannot be one).
+    pub host_header: Option<http::HeaderValue>,
     pub weight: u32,
     /// Takes no new requests (SPEC UP-1 drain); requests in flight finish.
     pub draining: bool,
@@ -548,6 +550,7 @@ impl UpstreamRegistry {
                 });
                 let endpoint_metrics = metrics.endpoint(&name, &address);
                 Endpoint {
+                    host_header: http::HeaderValue::from_str(&address).ok(),
                     address,
                     weight: endpoint.weight(),
                     draining: endpoint.draining(),
