@@ -13,6 +13,7 @@
 //! it stops and flags nothing more. hyper still parses, and rejects, everything itself.
 
 use std::io;
+use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -118,6 +119,21 @@ impl Scanner {
     /// Accumulates a request head; once complete, flags it and picks the body framing.
     fn head(&mut self, input: &[u8]) -> usize {
         let old = self.buf.len();
+        if old == 0 {
+            // The usual case: a whole head in one read, parsed where it lies (no copy).
+            match parse_head(input, self.max_headers) {
+                Parsed::Complete(length, _) if length > self.max_head => {
+                    self.stop();
+                    return input.len();
+                }
+                Parsed::Complete(length, framing) => return self.start_body(length, &framing),
+                Parsed::Partial => {}
+                Parsed::Invalid => {
+                    self.stop();
+                    return input.len();
+                }
+            }
+        }
         let room = self.max_head.saturating_sub(old);
         if room == 0 {
             self.stop();
@@ -131,23 +147,26 @@ impl Scanner {
         if !contains(tail, b"\n\r\n") && !contains(tail, b"\n\n") {
             return take;
         }
-        let mut headers = vec![httparse::EMPTY_HEADER; self.max_headers];
-        let mut request = httparse::Request::new(&mut headers);
-        let length = match request.parse(&self.buf) {
-            Ok(httparse::Status::Complete(length)) => length,
-            Ok(httparse::Status::Partial) => return take,
-            Err(_) => {
+        let (length, framing) = match parse_head(&self.buf, self.max_headers) {
+            Parsed::Complete(length, framing) => (length, framing),
+            Parsed::Partial => return take,
+            Parsed::Invalid => {
                 self.stop();
                 return input.len();
             }
         };
-        let framing = Framing::of(&request);
         // Every blank line is seen as its last byte arrives, so a complete head always ends
         // inside this input; anything else means the scanner lost track.
         let Some(used) = length.checked_sub(old).filter(|&used| used > 0) else {
             self.stop();
             return input.len();
         };
+        self.start_body(used, &framing)
+    }
+
+    /// Counts a complete head, flags it when ambiguous and follows its body's framing.
+    /// Returns `used`, or all of `used` when the scanner stops following the stream.
+    fn start_body(&mut self, used: usize, framing: &Framing) -> usize {
         self.heads += 1;
         if framing.content_length.is_some() && framing.transfer_encoding {
             self.report.flag(self.heads);
@@ -171,7 +190,6 @@ impl Scanner {
         self.buf.clear();
         if self.state == State::Stopped {
             self.stop();
-            return input.len();
         }
         used
     }
@@ -213,6 +231,37 @@ impl Scanner {
     fn stop(&mut self) {
         self.state = State::Stopped;
         self.buf = Vec::new();
+    }
+}
+
+enum Parsed {
+    /// The head's length in bytes and its framing.
+    Complete(usize, Framing),
+    Partial,
+    Invalid,
+}
+
+/// Header slots on the stack; a listener allowing more headers gets a heap vector.
+const STACK_HEADERS: usize = 128;
+
+fn parse_head(bytes: &[u8], max_headers: usize) -> Parsed {
+    let mut stack = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; STACK_HEADERS];
+    let mut heap = Vec::new();
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_HEADERS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        &mut heap
+    };
+    let mut request = httparse::Request::new(&mut []);
+    match httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        bytes,
+        slots,
+    ) {
+        Ok(httparse::Status::Complete(length)) => Parsed::Complete(length, Framing::of(&request)),
+        Ok(httparse::Status::Partial) => Parsed::Partial,
+        Err(_) => Parsed::Invalid,
     }
 }
 

@@ -34,10 +34,16 @@ fn fixed_hop_by_hop() -> [&'static HeaderName; 8] {
 /// Removes hop-by-hop headers, including every field named in `Connection`.
 /// Returns whether the request asked for `TE: trailers`, which gRPC needs end to end.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
-    // Most requests carry none of them: one pass over the names is cheaper than hashing
-    // each of the eight for a removal that finds nothing.
+    // One pass over the names finds which fixed ones are present (usually none on
+    // requests, `Connection` alone on responses): cheaper than hashing all eight to remove.
     let fixed = fixed_hop_by_hop();
-    if !headers.keys().any(|name| fixed.contains(&name)) {
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(index) = fixed.iter().position(|fixed| *fixed == name) {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 {
         return false;
     }
     let named: Vec<HeaderName> = headers
@@ -45,7 +51,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+        .map(str::trim)
+        // `close` and `keep-alive` are the common tokens; neither names another field.
+        .filter(|token| {
+            !token.eq_ignore_ascii_case("close") && !token.eq_ignore_ascii_case("keep-alive")
+        })
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -56,8 +67,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("trailers"));
-    for name in fixed {
-        headers.remove(name);
+    for (index, name) in fixed.into_iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
     }
     te_trailers
 }
@@ -112,6 +125,9 @@ pub struct ForwardInfo<'a> {
     pub client: IpAddr,
     pub proto: &'static str,
     pub host: Option<&'a str>,
+    /// The request's `Host` field when it carried one (shared instead of copied when it
+    /// is `host`).
+    pub host_value: Option<&'a HeaderValue>,
 }
 
 /// Sets `X-Forwarded-*`, `X-Real-IP` and optionally `Forwarded` and `Via` on a request
@@ -150,7 +166,11 @@ pub fn set_forwarding(
         headers.insert(&X_FORWARDED_PROTO, HeaderValue::from_static(info.proto));
     }
     if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
-        match info.host.and_then(|host| HeaderValue::from_str(host).ok()) {
+        let value = info.host.and_then(|host| match info.host_value {
+            Some(value) if value.as_bytes() == host.as_bytes() => Some(value.clone()),
+            _ => HeaderValue::from_str(host).ok(),
+        });
+        match value {
             Some(value) => {
                 headers.insert(&X_FORWARDED_HOST, value);
             }

@@ -15,6 +15,7 @@ use http::header::{
     CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, EXPECT, HOST, LOCATION, SERVER, TE,
     TRANSFER_ENCODING, UPGRADE, USER_AGENT,
 };
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
@@ -460,7 +461,7 @@ impl Proxy {
             .and_then(|_| parts.extensions.remove::<OnUpgrade>());
         let te_trailers = headers::remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(EXPECT);
-        parts.headers.remove(HOST);
+        let host_value = parts.headers.remove(HOST);
         if te_trailers {
             parts
                 .headers
@@ -481,6 +482,7 @@ impl Proxy {
                 client: client_ip,
                 proto: conn.scheme,
                 host: host_raw.as_deref(),
+                host_value: host_value.as_ref(),
             },
             &snapshot.http,
             downstream_version,
@@ -525,7 +527,7 @@ impl Proxy {
             };
             transform.apply(&mut parts.headers, &context);
         }
-        let path_and_query = rewritten_path(&route.rewrite, &parts.uri);
+        let path_and_query = rewritten_path(&route.rewrite, &parts.uri)?;
         if let Some(log) = exchange.log.as_mut() {
             log.record().pool = Some(pool.name.clone());
         }
@@ -907,7 +909,7 @@ fn spawn_mirror(
     mirror: &crate::traffic::mirror::Mirror,
     conn: &Connection,
     parts: &http::request::Parts,
-    path_and_query: &str,
+    path_and_query: &PathAndQuery,
     route: &Route,
     host_raw: &Option<String>,
     pick_context: &PickContext<'_>,
@@ -947,7 +949,7 @@ fn spawn_mirror(
 /// `:authority`, and the body to send.
 fn upstream_request(
     parts: &http::request::Parts,
-    path_and_query: &str,
+    path_and_query: &PathAndQuery,
     route: &Route,
     pool: &Pool,
     host_raw: &Option<String>,
@@ -976,8 +978,7 @@ fn upstream_request(
             if let Some(headers) = builder.headers_mut() {
                 headers.insert(HOST, upstream_host);
             }
-            Uri::try_from(path_and_query)
-                .map_err(|_| ProxyError::BadRequest("invalid request target"))?
+            Uri::from(path_and_query.clone())
         }
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
             builder = builder.version(Version::HTTP_2);
@@ -991,7 +992,7 @@ fn upstream_request(
                     "http"
                 })
                 .authority(authority)
-                .path_and_query(path_and_query)
+                .path_and_query(path_and_query.clone())
                 .build()
                 .map_err(|_| ProxyError::BadRequest("invalid request target"))?
         }
@@ -1053,7 +1054,7 @@ struct Breaker<'a> {
 struct Attempt<'a> {
     conn: &'a Connection,
     parts: &'a http::request::Parts,
-    path_and_query: &'a str,
+    path_and_query: &'a PathAndQuery,
     route: &'a Route,
     pool: &'a Pool,
     host_raw: &'a Option<String>,
@@ -1386,10 +1387,14 @@ fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-fn rewritten_path(rewrite: &PathRewrite, uri: &Uri) -> String {
+fn rewritten_path(rewrite: &PathRewrite, uri: &Uri) -> Result<PathAndQuery, ProxyError> {
     let path = uri.path();
     let new_path = match rewrite {
-        PathRewrite::None => None,
+        // The request's own target, shared rather than copied.
+        PathRewrite::None => match uri.path_and_query() {
+            Some(path_and_query) => return Ok(path_and_query.clone()),
+            None => None,
+        },
         PathRewrite::StripPrefix(prefix) => path.strip_prefix(prefix.as_str()).map(|rest| {
             if rest.starts_with('/') {
                 rest.to_string()
@@ -1411,10 +1416,11 @@ fn rewritten_path(rewrite: &PathRewrite, uri: &Uri) -> String {
         } => Some(pattern.replace(path, replacement.as_str()).into_owned()),
     };
     let path = new_path.as_deref().unwrap_or(path);
-    match uri.query() {
+    let target = match uri.query() {
         Some(query) => format!("{path}?{query}"),
         None => path.to_string(),
-    }
+    };
+    PathAndQuery::try_from(target).map_err(|_| ProxyError::BadRequest("invalid request target"))
 }
 
 fn expand_location(template: &str, scheme: &str, host: &str, uri: &Uri) -> String {
@@ -1496,24 +1502,31 @@ mod tests {
     #[test]
     fn path_rewrites_keep_the_query() {
         let uri: Uri = "/api/users?id=1".parse().unwrap();
+        let rewritten = |rewrite: &PathRewrite| rewritten_path(rewrite, &uri).unwrap();
+        assert_eq!(rewritten(&PathRewrite::None), "/api/users?id=1");
         assert_eq!(
-            rewritten_path(&PathRewrite::StripPrefix("/api".into()), &uri),
+            rewritten(&PathRewrite::StripPrefix("/api".into())),
             "/users?id=1"
         );
         assert_eq!(
-            rewritten_path(&PathRewrite::StripPrefix("/api/users".into()), &uri),
+            rewritten(&PathRewrite::StripPrefix("/api/users".into())),
             "/?id=1"
         );
         let replace = PathRewrite::ReplacePrefix {
             from: "/api".into(),
             to: "/v2".into(),
         };
-        assert_eq!(rewritten_path(&replace, &uri), "/v2/users?id=1");
+        assert_eq!(rewritten(&replace), "/v2/users?id=1");
         let regex = PathRewrite::Regex {
             pattern: regex::Regex::new("^/api/(.*)$").unwrap(),
             replacement: "/x/$1".into(),
         };
-        assert_eq!(rewritten_path(&regex, &uri), "/x/users?id=1");
+        assert_eq!(rewritten(&regex), "/x/users?id=1");
+        let invalid = PathRewrite::Regex {
+            pattern: regex::Regex::new("^/api/(.*)$").unwrap(),
+            replacement: "/x y/$1".into(),
+        };
+        assert!(rewritten_path(&invalid, &uri).is_err());
     }
 
     #[test]
