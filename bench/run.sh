@@ -87,6 +87,9 @@ CONNECTIONS=${BENCH_CONNECTIONS:-50}
 WRK_THREADS=${BENCH_WRK_THREADS:-1}
 H2_CONNECTIONS=${BENCH_H2_CONNECTIONS:-10}
 H2_STREAMS=${BENCH_H2_STREAMS:-100}
+HS_CONNECTIONS=${BENCH_HANDSHAKE_CONNECTIONS:-50}
+BULK_SIZE=${BENCH_BULK_SIZE:-1G}
+STREAM_SIZE=${BENCH_STREAM_SIZE:-2G}
 BACKEND_WORKERS=${BENCH_BACKEND_WORKERS:-1}
 PORT_BASE=${BENCH_PORT_BASE:-18100}
 MAX_LOAD=${BENCH_MAX_LOAD:-}
@@ -103,7 +106,14 @@ BACKEND_PORT=$PORT_BASE
 BACKEND_H2_PORT=$((PORT_BASE + 1))
 declare -A PORT=([direct]=$BACKEND_PORT [gatehouse]=$((PORT_BASE + 2)) [nginx]=$((PORT_BASE + 4)) [haproxy]=$((PORT_BASE + 6)))
 declare -A H2_PORT=([direct]=$BACKEND_H2_PORT [gatehouse]=$((PORT_BASE + 2)) [nginx]=$((PORT_BASE + 5)) [haproxy]=$((PORT_BASE + 7)))
-declare -A TLS_PORT=([gatehouse]=$((PORT_BASE + 3)) [nginx]=$((PORT_BASE + 8)) [haproxy]=$((PORT_BASE + 9)))
+BACKEND_TLS_PORT=$((PORT_BASE + 10))
+SINK_PORT=$((PORT_BASE + 14))
+declare -A TLS_PORT=([direct]=$BACKEND_TLS_PORT [gatehouse]=$((PORT_BASE + 3)) [nginx]=$((PORT_BASE + 8)) [haproxy]=$((PORT_BASE + 9)))
+# TLS passthrough (SNI routing without termination) to the backend's TLS port.
+declare -A PT_PORT=([direct]=$BACKEND_TLS_PORT [gatehouse]=$((PORT_BASE + 11)) [nginx]=$((PORT_BASE + 12)) [haproxy]=$((PORT_BASE + 13)))
+# The name every passthrough route matches; it resolves to 127.0.0.1 so wrk and curl
+# send it as SNI.
+PT_SNI=localhost
 
 log() { printf '[%(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -131,6 +141,7 @@ cleanup() {
   done
   for pid in "${PIDS[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  [[ -n ${FILES:-} && $FILES == /dev/shm/gatehouse-bench.* ]] && rm -rf "$FILES"
   exit "$status"
 }
 trap cleanup EXIT
@@ -158,12 +169,18 @@ stop_pid() {
 }
 
 # ---------------------------------------------------------------------- dependencies
+NGINX_STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 install_deps() {
   local missing=()
   command -v nginx >/dev/null || missing+=(nginx)
   command -v haproxy >/dev/null || missing+=(haproxy)
   command -v wrk >/dev/null || missing+=(wrk)
   command -v h2load >/dev/null || missing+=(nghttp2-client)
+  command -v curl >/dev/null || missing+=(curl)
+  # Debian builds nginx's stream module (TCP relay, ssl_preread) as a dynamic module.
+  if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic' && [[ ! -e $NGINX_STREAM_MODULE ]]; then
+    missing+=(libnginx-mod-stream)
+  fi
   [[ ${#missing[@]} == 0 ]] && return
   log "installing ${missing[*]}"
   local policy_added=0
@@ -176,6 +193,10 @@ install_deps() {
   apt-get update -q
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
   [[ $policy_added == 1 ]] && rm -f /usr/sbin/policy-rc.d
+  # A fresh nginx package brings the module too (nginx depends on it in Debian 12).
+  if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic' && [[ ! -e $NGINX_STREAM_MODULE ]]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q libnginx-mod-stream
+  fi
   return 0
 }
 
@@ -186,7 +207,9 @@ render() { # template output [extra sed expressions]
   sed -e "s|@RUN@|$RUN|g" -e "s|@BACKEND_PORT@|$BACKEND_PORT|g" \
     -e "s|@BACKEND_H2_PORT@|$BACKEND_H2_PORT|g" -e "s|@BACKEND_WORKERS@|$BACKEND_WORKERS|g" \
     -e "s|@NOFILE@|$NOFILE|g" -e "s|@NGINX_CONNECTIONS@|$NGINX_CONNECTIONS|g" \
-    -e "s|@HAPROXY_MAXCONN@|$HAPROXY_MAXCONN|g" \
+    -e "s|@HAPROXY_MAXCONN@|$HAPROXY_MAXCONN|g" -e "s|@BACKEND_TLS_PORT@|$BACKEND_TLS_PORT|g" \
+    -e "s|@SINK_PORT@|$SINK_PORT|g" -e "s|@PT_SNI@|$PT_SNI|g" -e "s|@FILES@|$FILES|g" \
+    -e "s|@LOAD_STREAM_MODULE@|$LOAD_STREAM_MODULE|g" \
     "$@" "$template" >"$output"
   if grep -v '^[[:space:]]*#' "$output" | grep -q '@[A-Z_0-9]*@'; then die "unfilled placeholder in $output"; fi
 }
@@ -225,7 +248,7 @@ declare -A PEER_PID
 start_peer() { # peer workers
   local peer=$1 workers=$2
   local common=(-e "s|@WORKERS@|$workers|g" -e "s|@PORT@|${PORT[$peer]}|g" -e "s|@H2_PORT@|${H2_PORT[$peer]}|g"
-    -e "s|@TLS_PORT@|${TLS_PORT[$peer]}|g")
+    -e "s|@TLS_PORT@|${TLS_PORT[$peer]}|g" -e "s|@PT_PORT@|${PT_PORT[$peer]}|g")
   case "$peer" in
     gatehouse)
       render bench/gatehouse.toml "$RUN/gatehouse.toml" "${common[@]}"
@@ -249,11 +272,13 @@ start_peer() { # peer workers
   check_h2 "${H2_PORT[$peer]}"
   wait_port "${TLS_PORT[$peer]}" || die "$peer TLS port did not open"
   check_tls "${TLS_PORT[$peer]}"
+  wait_port "${PT_PORT[$peer]}" || die "$peer TLS passthrough port did not open"
+  check_passthrough "${PT_PORT[$peer]}"
 }
 
 make_certificate() { # a throwaway ECDSA P-256 certificate for every peer's TLS port
   openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-    -subj /CN=bench.test -addext subjectAltName=DNS:bench.test \
+    -subj /CN=bench.test -addext "subjectAltName=DNS:bench.test,DNS:$PT_SNI" \
     -keyout "$RUN/tls.key" -out "$RUN/tls.crt" 2>/dev/null || die "openssl could not make a certificate"
   cat "$RUN/tls.crt" "$RUN/tls.key" >"$RUN/tls.pem"
 }
@@ -262,6 +287,19 @@ check_tls() { # port: one HTTPS request (h2 by ALPN) must answer 200
   local out
   out=$(h2load -n 1 -c 1 "https://127.0.0.1:$1/" 2>&1) || true
   grep -q '1 2xx' <<<"$out" || die "TLS on 127.0.0.1:$1 failed: $(tail -3 <<<"$out")"
+}
+
+check_passthrough() { # port: one HTTPS request with SNI $PT_SNI must reach the backend's TLS port
+  local code
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 --resolve "$PT_SNI:$1:127.0.0.1" \
+    "https://$PT_SNI:$1/") || true
+  [[ $code == 200 ]] || die "TLS passthrough on 127.0.0.1:$1 answered '$code' instead of 200"
+}
+
+check_sink() { # port: a small upload must be read to its end
+  local out
+  out=$(head -c 100000 /dev/zero | curl -s --max-time 5 -H 'Expect:' -T - "http://127.0.0.1:$1/upload") || true
+  [[ $out == received=100000 ]] || die "upload sink on 127.0.0.1:$1 answered '$out'"
 }
 
 # All pids of a peer: the process and its children (nginx workers).
@@ -368,6 +406,98 @@ run_tls_h2() { # workers peer round
   record "$w" tls2 "$peer" "$round" rps "$rps"
   record "$w" tls2 "$peer" "$round" errors "${failed:-0}"
   log "  tls2  w=$w $peer round $round: $rps req/s, failed ${failed:-?}"
+}
+
+run_pt_wrk() { # workers peer round: keep-alive HTTP/1.1 inside TLS relayed by SNI
+  local w=$1 peer=$2 round=$3
+  local raw=$OUT/raw/w$w-pt1-$peer-r$round.txt
+  # wrk sends the URL's host as SNI; localhost resolves to 127.0.0.1 (::1, tried first
+  # when present, has no listener and is refused at once).
+  wrk -t "$WRK_THREADS" -c "$CONNECTIONS" -d "$DURATION" --latency \
+    "https://$PT_SNI:${PT_PORT[$peer]}/" >"$raw" 2>&1 || die "wrk https (passthrough) failed against $peer: $(tail -3 "$raw")"
+  local rps p99 errors
+  rps=$(awk '/^Requests\/sec:/ { print $2 }' "$raw")
+  p99=$(to_ms "$(awk '$1 == "99%" { print $2 }' "$raw")")
+  errors=$(awk '/Socket errors:/ { gsub(",", ""); print $4 + $6 + $8 + $10 }' "$raw")
+  record "$w" pt1 "$peer" "$round" rps "$rps"
+  record "$w" pt1 "$peer" "$round" p99_ms "$p99"
+  record "$w" pt1 "$peer" "$round" errors "${errors:-0}"
+  log "  pt1   w=$w $peer round $round: $rps req/s, p99 ${p99} ms"
+}
+
+run_pt_bulk() { # workers peer round: one large download inside TLS relayed by SNI
+  local w=$1 peer=$2 round=$3
+  local raw=$OUT/raw/w$w-ptbulk-$peer-r$round.txt
+  curl -sk --http1.1 -o /dev/null --max-time 600 --resolve "$PT_SNI:${PT_PORT[$peer]}:127.0.0.1" \
+    -w '%{http_code} %{size_download} %{time_total}\n' \
+    "https://$PT_SNI:${PT_PORT[$peer]}/files/bulk.bin" >"$raw" 2>&1 || die "bulk download (passthrough) failed against $peer: $(tail -3 "$raw")"
+  local code size seconds mbps
+  read -r code size seconds <"$raw"
+  [[ $code == 200 && $size == "$BULK_BYTES" ]] || die "bulk download via $peer: status $code, $size of $BULK_BYTES bytes"
+  mbps=$(awk -v b="$size" -v t="$seconds" 'BEGIN { printf "%.1f", b / t / 1e6 }')
+  record "$w" ptbulk "$peer" "$round" mbps "$mbps"
+  log "  ptbulk w=$w $peer round $round: $mbps MB/s"
+}
+
+run_handshakes() { # workers peer round: full TLS handshakes, one request per connection
+  local w=$1 peer=$2 round=$3
+  local raw=$OUT/raw/w$w-hs-$peer-r$round.txt
+  "$ROOT/target/release/examples/bench_client" handshakes --addr "127.0.0.1:${TLS_PORT[$peer]}" \
+    --connections "$HS_CONNECTIONS" --duration "$DURATION" >"$raw" 2>&1 ||
+    die "handshake client failed against $peer: $(tail -3 "$raw")"
+  local line key
+  line=$(tail -1 "$raw")
+  for key in per_sec errors non_2xx; do
+    record "$w" hs "$peer" "$round" "$key" "$(tr ' ' '\n' <<<"$line" | awk -F= -v k="$key" '$1 == k { print $2 }')"
+  done
+  log "  hs    w=$w $peer round $round: $line"
+}
+
+run_stream() { # workers peer round direction(down|up): 2 GiB through the plain HTTP port, RSS sampled
+  local w=$1 peer=$2 round=$3 dir=$4
+  local raw=$OUT/raw/w$w-stream-$dir-$peer-r$round.txt
+  local -a pids
+  if [[ $peer == direct ]]; then
+    # The server's own RSS: the backend nginx (download) or the sink (upload).
+    if [[ $dir == down ]]; then mapfile -t pids < <(peer_pids "$BACKEND_PID"); else pids=("$SINK_PID"); fi
+  else
+    mapfile -t pids < <(peer_pids "${PEER_PID[$peer]}")
+  fi
+  local -a request
+  if [[ $dir == down ]]; then
+    request=(-o /dev/null "http://127.0.0.1:${PORT[$peer]}/files/stream.bin")
+  else
+    local port=${PORT[$peer]}
+    [[ $peer == direct ]] && port=$SINK_PORT
+    # No `Expect: 100-continue` round trip: not every peer answers it the same way.
+    request=(-o "$raw.body" -H 'Expect:' -T "$FILES/stream.bin" "http://127.0.0.1:$port/upload")
+  fi
+  local start peak sample
+  start=$(rss_kib "${pids[@]}")
+  peak=$start
+  curl -s --max-time 600 -w '%{http_code} %{size_download} %{size_upload} %{time_total}\n' \
+    "${request[@]}" >"$raw" 2>&1 &
+  local client=$!
+  while kill -0 "$client" 2>/dev/null; do
+    sample=$(rss_kib "${pids[@]}")
+    ((sample > peak)) && peak=$sample
+    sleep 0.1
+  done
+  wait "$client" || die "streaming $dir failed against $peer: $(tail -3 "$raw")"
+  local code down up seconds moved mbps
+  read -r code down up seconds <"$raw"
+  moved=$down
+  [[ $dir == up ]] && moved=$up
+  [[ $code == 200 && $moved == "$STREAM_BYTES" ]] || die "streaming $dir via $peer: status $code, $moved of $STREAM_BYTES bytes"
+  if [[ $dir == up ]] && [[ $(cat "$raw.body") != "received=$STREAM_BYTES" ]]; then
+    die "streaming up via $peer: the sink answered '$(cat "$raw.body")'"
+  fi
+  mbps=$(awk -v b="$moved" -v t="$seconds" 'BEGIN { printf "%.1f", b / t / 1e6 }')
+  record "$w" "stream_$dir" "$peer" "$round" mbps "$mbps"
+  record "$w" "stream_$dir" "$peer" "$round" rss_start_kib "$start"
+  record "$w" "stream_$dir" "$peer" "$round" rss_peak_kib "$peak"
+  record "$w" "stream_$dir" "$peer" "$round" rss_growth_kib "$((peak - start))"
+  log "  stream $dir w=$w $peer round $round: $mbps MB/s, RSS $start -> peak $peak KiB"
 }
 
 run_idle() { # workers peer
@@ -484,6 +614,54 @@ summary() {
       printf '  %-10s %12.0f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls2 "$peer" errors)" "$(ratio "$gh" "$rps")"
     done
     echo
+    echo "TLS passthrough (SNI $PT_SNI, not terminated), HTTP/1.1 keep-alive inside TLS, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (https)"
+    printf '  %-10s %12s %10s %8s %12s %12s\n' peer req/s p99_ms errors "GH÷peer rps" "peer÷direct"
+    gh=$(value "$w" pt1 gatehouse rps)
+    local direct
+    direct=$(value "$w" pt1 direct rps)
+    for peer in direct $PEERS; do
+      local rps
+      rps=$(value "$w" pt1 "$peer" rps)
+      printf '  %-10s %12.0f %10.3f %8s %12s %12s\n' "$peer" "$rps" "$(value "$w" pt1 "$peer" p99_ms)" \
+        "$(value "$w" pt1 "$peer" errors)" "$(ratio "$gh" "$rps")" "$(ratio "$rps" "$direct")"
+    done
+    echo
+    echo "TLS passthrough bulk: one $BULK_SIZE download over TLS (curl -k, HTTP/1.1), MB/s = 10^6 bytes/s"
+    printf '  %-10s %12s %12s %12s\n' peer MB/s "GH÷peer" "peer÷direct"
+    gh=$(value "$w" ptbulk gatehouse mbps)
+    direct=$(value "$w" ptbulk direct mbps)
+    for peer in direct $PEERS; do
+      local mbps
+      mbps=$(value "$w" ptbulk "$peer" mbps)
+      printf '  %-10s %12.1f %12s %12s\n' "$peer" "$mbps" "$(ratio "$gh" "$mbps")" "$(ratio "$mbps" "$direct")"
+    done
+    echo
+    echo "New TLS connections: full handshakes (no resumption), one request each, $HS_CONNECTIONS at once, $DURATION"
+    printf '  %-10s %14s %8s %8s %12s\n' peer handshakes/s errors non_2xx "GH÷peer"
+    gh=$(value "$w" hs gatehouse per_sec)
+    for peer in direct $PEERS; do
+      local hs
+      hs=$(value "$w" hs "$peer" per_sec)
+      printf '  %-10s %14.0f %8s %8s %12s\n' "$peer" "$hs" "$(value "$w" hs "$peer" errors)" \
+        "$(value "$w" hs "$peer" non_2xx)" "$(ratio "$gh" "$hs")"
+    done
+    local dir label
+    for dir in down up; do
+      label="download (curl -o /dev/null)"
+      [[ $dir == up ]] && label="upload (curl -T, read to its end by the sink)"
+      echo
+      echo "Streaming one $STREAM_SIZE body, $label; RSS of the peer's processes every 100 ms (direct: the server's)"
+      printf '  %-10s %10s %12s %12s %12s %12s\n' peer MB/s rss_start rss_peak growth "GH÷peer MB/s"
+      gh=$(value "$w" "stream_$dir" gatehouse mbps)
+      for peer in direct $PEERS; do
+        local mbps
+        mbps=$(value "$w" "stream_$dir" "$peer" mbps)
+        printf '  %-10s %10.1f %10s K %10s K %10s K %12s\n' "$peer" "$mbps" \
+          "$(value "$w" "stream_$dir" "$peer" rss_start_kib)" "$(value "$w" "stream_$dir" "$peer" rss_peak_kib)" \
+          "$(value "$w" "stream_$dir" "$peer" rss_growth_kib)" "$(ratio "$gh" "$mbps")"
+      done
+    done
+    echo
     echo "Idle keep-alive connections: $IDLE_CONNECTIONS opened, one request each, then idle"
     printf '  %-10s %12s %12s %10s %12s %12s\n' peer rss_before rss_after still_open KiB/conn "GH÷peer"
     gh=$(value "$w" idle gatehouse kib_per_conn)
@@ -498,6 +676,11 @@ summary() {
 
 # ------------------------------------------------------------------------------- main
 install_deps
+LOAD_STREAM_MODULE=
+if nginx -V 2>&1 | grep -q -- '--with-stream=dynamic'; then
+  [[ -e $NGINX_STREAM_MODULE ]] || die "nginx's stream module is missing ($NGINX_STREAM_MODULE; Debian: libnginx-mod-stream)"
+  LOAD_STREAM_MODULE="load_module $NGINX_STREAM_MODULE;"
+fi
 if [[ ${BENCH_SKIP_BUILD:-0} == 1 ]]; then
   log "BENCH_SKIP_BUILD=1: using the existing target/release binaries"
 else
@@ -508,24 +691,46 @@ fi
 ((IDLE_CONNECTIONS <= IDLE_FIT)) ||
   die "ulimit -n is $NOFILE: at most $IDLE_FIT idle connections fit (BENCH_IDLE_CONNECTIONS=$IDLE_CONNECTIONS)"
 check_free "$BACKEND_PORT" "$BACKEND_H2_PORT" "${PORT[gatehouse]}" "${PORT[nginx]}" "${H2_PORT[nginx]}" \
-  "${PORT[haproxy]}" "${H2_PORT[haproxy]}" "${TLS_PORT[gatehouse]}" "${TLS_PORT[nginx]}" "${TLS_PORT[haproxy]}"
+  "${PORT[haproxy]}" "${H2_PORT[haproxy]}" "${TLS_PORT[gatehouse]}" "${TLS_PORT[nginx]}" "${TLS_PORT[haproxy]}" \
+  "$BACKEND_TLS_PORT" "${PT_PORT[gatehouse]}" "${PT_PORT[nginx]}" "${PT_PORT[haproxy]}" "$SINK_PORT"
 make_certificate
+
+# The large bodies are sparse files (no disk or memory used). On tmpfs when there is one:
+# reading holes of a sparse file on a disk filesystem can be slower than the proxies
+# (about 200 MB/s on the reference machine), in /dev/shm it is not.
+if [[ -d /dev/shm && -w /dev/shm ]]; then
+  FILES=$(mktemp -d /dev/shm/gatehouse-bench.XXXXXX)
+else
+  FILES=$RUN/files
+  mkdir -p "$FILES"
+fi
+truncate -s "$BULK_SIZE" "$FILES/bulk.bin"
+truncate -s "$STREAM_SIZE" "$FILES/stream.bin"
+BULK_BYTES=$(stat -c %s "$FILES/bulk.bin")
+STREAM_BYTES=$(stat -c %s "$FILES/stream.bin")
 
 {
   echo "machine: $(nproc) CPU(s), $(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo), kernel $(uname -r)"
   echo "memory: $(awk '/^MemTotal/ { printf "%.1f GiB", $2 / 1048576 }' /proc/meminfo)"
   echo "source: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
   echo "versions: $("$ROOT/target/release/gatehouse" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{ print "HAProxy " $3 }'), wrk $(wrk -v 2>&1 | head -1 | awk '{ print $2 }'), $(h2load --version | head -1 | sed 's/.*nghttp2\//h2load /')"
-  echo "settings: duration $DURATION, rounds $ROUNDS, workers '$WORKERS_LIST', wrk -t$WRK_THREADS -c$CONNECTIONS, h2load -c$H2_CONNECTIONS -m$H2_STREAMS, idle $IDLE_CONNECTIONS, backend nginx with $BACKEND_WORKERS worker(s), ulimit -n $NOFILE (HAProxy maxconn $HAPROXY_MAXCONN)"
+  echo "settings: duration $DURATION, rounds $ROUNDS, workers '$WORKERS_LIST', wrk -t$WRK_THREADS -c$CONNECTIONS, h2load -c$H2_CONNECTIONS -m$H2_STREAMS, handshake clients $HS_CONNECTIONS, bulk $BULK_SIZE, stream $STREAM_SIZE, idle $IDLE_CONNECTIONS, backend nginx with $BACKEND_WORKERS worker(s), ulimit -n $NOFILE (HAProxy maxconn $HAPROXY_MAXCONN)"
 } >"$OUT/machine.txt"
 cat "$OUT/machine.txt" >&2
 
-log "starting the backend on 127.0.0.1:$BACKEND_PORT (h2c $BACKEND_H2_PORT)"
+log "starting the backend on 127.0.0.1:$BACKEND_PORT (h2c $BACKEND_H2_PORT, TLS $BACKEND_TLS_PORT, upload sink $SINK_PORT)"
 render bench/backend.nginx.conf "$RUN/backend.conf"
 start_bg "$RUN/backend.log" nginx -p "$RUN" -c "$RUN/backend.conf" -e "$RUN/backend-error.log" -g 'daemon off;'
+BACKEND_PID=$STARTED_PID
 wait_port "$BACKEND_PORT" || die "backend did not start; see $RUN/backend.log"
 check_http "$BACKEND_PORT"
 check_h2 "$BACKEND_H2_PORT"
+wait_port "$BACKEND_TLS_PORT" || die "backend TLS port did not open"
+check_passthrough "$BACKEND_TLS_PORT"
+start_bg "$RUN/sink.log" "$ROOT/target/release/examples/bench_client" sink --listen "127.0.0.1:$SINK_PORT"
+SINK_PID=$STARTED_PID
+wait_port "$SINK_PORT" || die "upload sink did not start; see $RUN/sink.log"
+check_sink "$SINK_PORT"
 
 if [[ -n $MAX_LOAD ]]; then
   waited=0
@@ -580,6 +785,28 @@ for w in $WORKERS_LIST; do
   log "TLS termination: h2 over TLS"
   for round in $(seq "$ROUNDS"); do
     for peer in $PEERS; do run_tls_h2 "$w" "$peer" "$round"; sleep 1; done
+  done
+
+  log "TLS passthrough: HTTP/1.1 keep-alive inside TLS, relayed by SNI"
+  for round in $(seq "$ROUNDS"); do
+    for peer in direct $PEERS; do run_pt_wrk "$w" "$peer" "$round"; sleep 1; done
+  done
+
+  log "TLS passthrough: one $BULK_SIZE download"
+  for round in $(seq "$ROUNDS"); do
+    for peer in direct $PEERS; do run_pt_bulk "$w" "$peer" "$round"; sleep 1; done
+  done
+
+  log "new TLS connections per second (full handshakes)"
+  for round in $(seq "$ROUNDS"); do
+    for peer in direct $PEERS; do run_handshakes "$w" "$peer" "$round"; sleep 1; done
+  done
+
+  log "streaming $STREAM_SIZE bodies (download, then upload), RSS sampled every 100 ms"
+  for round in $(seq "$ROUNDS"); do
+    for dir in down up; do
+      for peer in direct $PEERS; do run_stream "$w" "$peer" "$round" "$dir"; sleep 1; done
+    done
   done
 
   log "idle connections memory"
