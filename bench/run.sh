@@ -95,6 +95,12 @@ PORT_BASE=${BENCH_PORT_BASE:-18100}
 MAX_LOAD=${BENCH_MAX_LOAD:-}
 LOAD_WAIT=${BENCH_LOAD_WAIT:-900}
 PEERS=${BENCH_PEERS:-gatehouse nginx haproxy}
+ALL_TESTS="http1 rate h2 tls1 tls2 pt1 ptbulk hs stream idle"
+TESTS=${BENCH_TESTS:-$ALL_TESTS}
+for t in $TESTS; do
+  [[ " $ALL_TESTS " == *" $t "* ]] || { echo "unknown test in BENCH_TESTS: $t (known: $ALL_TESTS)" >&2; exit 2; }
+done
+want() { [[ " $TESTS " == *" $1 "* ]]; }
 OUT=${BENCH_OUT:-$ROOT/target/bench/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT/raw" "$OUT/run/tmp"
 OUT=$(cd "$OUT" && pwd)
@@ -561,116 +567,136 @@ summary() {
   for w in $WORKERS_LIST; do
     echo
     echo "== $w worker(s) =="
-    echo
-    echo "HTTP/1.1 keep-alive, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION --latency"
-    printf '  %-10s %12s %10s %10s %8s %12s\n' peer req/s p50_ms p99_ms errors "GH÷peer rps"
-    gh=$(value "$w" http1 gatehouse rps)
-    for peer in direct $PEERS; do
-      local rps
-      rps=$(value "$w" http1 "$peer" rps)
-      printf '  %-10s %12.0f %10.3f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" http1 "$peer" p50_ms)" \
-        "$(value "$w" http1 "$peer" p99_ms)" "$(value "$w" http1 "$peer" errors)" "$(ratio "$gh" "$rps")"
-    done
-    local target
-    target=$(awk -F'\t' -v w="$w" '$1 == w && $2 == "rate" && $5 == "target_rps" { print $6; exit }' "$RESULTS")
-    echo
-    echo "HTTP/1.1 fixed rate ${target:-?} req/s (half of nginx's median max), $CONNECTIONS connections, $DURATION"
-    printf '  %-10s %12s %10s %10s %10s %8s %12s\n' peer achieved p50_ms p99_ms p99.9_ms errors "GH÷peer p99"
-    gh=$(value "$w" rate gatehouse p99_ms)
-    for peer in direct $PEERS; do
-      local p99
-      p99=$(value "$w" rate "$peer" p99_ms)
-      printf '  %-10s %12.0f %10.3f %10.3f %10.3f %8s %12s\n' "$peer" "$(value "$w" rate "$peer" achieved_rps)" \
-        "$(value "$w" rate "$peer" p50_ms)" "$p99" "$(value "$w" rate "$peer" p999_ms)" \
-        "$(value "$w" rate "$peer" errors)" "$(ratio "$gh" "$p99")"
-    done
-    echo
-    echo "h2c (prior knowledge), h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D$(seconds "$DURATION")"
-    printf '  %-10s %12s %10s %8s %12s\n' peer req/s mean_ms failed "GH÷peer rps"
-    gh=$(value "$w" h2 gatehouse rps)
-    for peer in direct $PEERS; do
-      local rps
-      rps=$(value "$w" h2 "$peer" rps)
-      printf '  %-10s %12.0f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" h2 "$peer" mean_ms)" \
-        "$(value "$w" h2 "$peer" errors)" "$(ratio "$gh" "$rps")"
-    done
-    echo
-    echo "TLS termination, HTTP/1.1 keep-alive over TLS, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (https)"
-    printf '  %-10s %12s %10s %8s %12s\n' peer req/s p99_ms errors "GH÷peer rps"
-    gh=$(value "$w" tls1 gatehouse rps)
-    for peer in $PEERS; do
-      local rps
-      rps=$(value "$w" tls1 "$peer" rps)
-      printf '  %-10s %12.0f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls1 "$peer" p99_ms)" \
-        "$(value "$w" tls1 "$peer" errors)" "$(ratio "$gh" "$rps")"
-    done
-    echo
-    echo "TLS termination, h2 over TLS, h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D$(seconds "$DURATION") (https)"
-    printf '  %-10s %12s %8s %12s\n' peer req/s failed "GH÷peer rps"
-    gh=$(value "$w" tls2 gatehouse rps)
-    for peer in $PEERS; do
-      local rps
-      rps=$(value "$w" tls2 "$peer" rps)
-      printf '  %-10s %12.0f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls2 "$peer" errors)" "$(ratio "$gh" "$rps")"
-    done
-    echo
-    echo "TLS passthrough (SNI $PT_SNI, not terminated), HTTP/1.1 keep-alive inside TLS, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (https)"
-    printf '  %-10s %12s %10s %8s %12s %12s\n' peer req/s p99_ms errors "GH÷peer rps" "peer÷direct"
-    gh=$(value "$w" pt1 gatehouse rps)
-    local direct
-    direct=$(value "$w" pt1 direct rps)
-    for peer in direct $PEERS; do
-      local rps
-      rps=$(value "$w" pt1 "$peer" rps)
-      printf '  %-10s %12.0f %10.3f %8s %12s %12s\n' "$peer" "$rps" "$(value "$w" pt1 "$peer" p99_ms)" \
-        "$(value "$w" pt1 "$peer" errors)" "$(ratio "$gh" "$rps")" "$(ratio "$rps" "$direct")"
-    done
-    echo
-    echo "TLS passthrough bulk: one $BULK_SIZE download over TLS (curl -k, HTTP/1.1), MB/s = 10^6 bytes/s"
-    printf '  %-10s %12s %12s %12s\n' peer MB/s "GH÷peer" "peer÷direct"
-    gh=$(value "$w" ptbulk gatehouse mbps)
-    direct=$(value "$w" ptbulk direct mbps)
-    for peer in direct $PEERS; do
-      local mbps
-      mbps=$(value "$w" ptbulk "$peer" mbps)
-      printf '  %-10s %12.1f %12s %12s\n' "$peer" "$mbps" "$(ratio "$gh" "$mbps")" "$(ratio "$mbps" "$direct")"
-    done
-    echo
-    echo "New TLS connections: full handshakes (no resumption), one request each, $HS_CONNECTIONS at once, $DURATION"
-    printf '  %-10s %14s %8s %8s %12s\n' peer handshakes/s errors non_2xx "GH÷peer"
-    gh=$(value "$w" hs gatehouse per_sec)
-    for peer in direct $PEERS; do
-      local hs
-      hs=$(value "$w" hs "$peer" per_sec)
-      printf '  %-10s %14.0f %8s %8s %12s\n' "$peer" "$hs" "$(value "$w" hs "$peer" errors)" \
-        "$(value "$w" hs "$peer" non_2xx)" "$(ratio "$gh" "$hs")"
-    done
-    local dir label
-    for dir in down up; do
-      label="download (curl -o /dev/null)"
-      [[ $dir == up ]] && label="upload (curl -T, read to its end by the sink)"
+    if want http1; then
       echo
-      echo "Streaming one $STREAM_SIZE body, $label; RSS of the peer's processes every 100 ms (direct: the server's)"
-      printf '  %-10s %10s %12s %12s %12s %12s\n' peer MB/s rss_start rss_peak growth "GH÷peer MB/s"
-      gh=$(value "$w" "stream_$dir" gatehouse mbps)
+      echo "HTTP/1.1 keep-alive, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION --latency"
+      printf '  %-10s %12s %10s %10s %8s %12s\n' peer req/s p50_ms p99_ms errors "GH÷peer rps"
+      gh=$(value "$w" http1 gatehouse rps)
+      for peer in direct $PEERS; do
+        local rps
+        rps=$(value "$w" http1 "$peer" rps)
+        printf '  %-10s %12.0f %10.3f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" http1 "$peer" p50_ms)" \
+          "$(value "$w" http1 "$peer" p99_ms)" "$(value "$w" http1 "$peer" errors)" "$(ratio "$gh" "$rps")"
+      done
+    fi
+    if want rate; then
+      local target
+      target=$(awk -F'\t' -v w="$w" '$1 == w && $2 == "rate" && $5 == "target_rps" { print $6; exit }' "$RESULTS")
+      echo
+      echo "HTTP/1.1 fixed rate ${target:-?} req/s (half of nginx's median max), $CONNECTIONS connections, $DURATION"
+      printf '  %-10s %12s %10s %10s %10s %8s %12s\n' peer achieved p50_ms p99_ms p99.9_ms errors "GH÷peer p99"
+      gh=$(value "$w" rate gatehouse p99_ms)
+      for peer in direct $PEERS; do
+        local p99
+        p99=$(value "$w" rate "$peer" p99_ms)
+        printf '  %-10s %12.0f %10.3f %10.3f %10.3f %8s %12s\n' "$peer" "$(value "$w" rate "$peer" achieved_rps)" \
+          "$(value "$w" rate "$peer" p50_ms)" "$p99" "$(value "$w" rate "$peer" p999_ms)" \
+          "$(value "$w" rate "$peer" errors)" "$(ratio "$gh" "$p99")"
+      done
+    fi
+    if want h2; then
+      echo
+      echo "h2c (prior knowledge), h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D$(seconds "$DURATION")"
+      printf '  %-10s %12s %10s %8s %12s\n' peer req/s mean_ms failed "GH÷peer rps"
+      gh=$(value "$w" h2 gatehouse rps)
+      for peer in direct $PEERS; do
+        local rps
+        rps=$(value "$w" h2 "$peer" rps)
+        printf '  %-10s %12.0f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" h2 "$peer" mean_ms)" \
+          "$(value "$w" h2 "$peer" errors)" "$(ratio "$gh" "$rps")"
+      done
+    fi
+    if want tls1; then
+      echo
+      echo "TLS termination, HTTP/1.1 keep-alive over TLS, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (https)"
+      printf '  %-10s %12s %10s %8s %12s\n' peer req/s p99_ms errors "GH÷peer rps"
+      gh=$(value "$w" tls1 gatehouse rps)
+      for peer in $PEERS; do
+        local rps
+        rps=$(value "$w" tls1 "$peer" rps)
+        printf '  %-10s %12.0f %10.3f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls1 "$peer" p99_ms)" \
+          "$(value "$w" tls1 "$peer" errors)" "$(ratio "$gh" "$rps")"
+      done
+    fi
+    if want tls2; then
+      echo
+      echo "TLS termination, h2 over TLS, h2load -t1 -c$H2_CONNECTIONS -m$H2_STREAMS -D$(seconds "$DURATION") (https)"
+      printf '  %-10s %12s %8s %12s\n' peer req/s failed "GH÷peer rps"
+      gh=$(value "$w" tls2 gatehouse rps)
+      for peer in $PEERS; do
+        local rps
+        rps=$(value "$w" tls2 "$peer" rps)
+        printf '  %-10s %12.0f %8s %12s\n' "$peer" "$rps" "$(value "$w" tls2 "$peer" errors)" "$(ratio "$gh" "$rps")"
+      done
+    fi
+    if want pt1; then
+      echo
+      echo "TLS passthrough (SNI $PT_SNI, not terminated), HTTP/1.1 keep-alive inside TLS, wrk -t$WRK_THREADS -c$CONNECTIONS -d$DURATION (https)"
+      printf '  %-10s %12s %10s %8s %12s %12s\n' peer req/s p99_ms errors "GH÷peer rps" "peer÷direct"
+      gh=$(value "$w" pt1 gatehouse rps)
+      local direct
+      direct=$(value "$w" pt1 direct rps)
+      for peer in direct $PEERS; do
+        local rps
+        rps=$(value "$w" pt1 "$peer" rps)
+        printf '  %-10s %12.0f %10.3f %8s %12s %12s\n' "$peer" "$rps" "$(value "$w" pt1 "$peer" p99_ms)" \
+          "$(value "$w" pt1 "$peer" errors)" "$(ratio "$gh" "$rps")" "$(ratio "$rps" "$direct")"
+      done
+    fi
+    if want ptbulk; then
+      echo
+      echo "TLS passthrough bulk: one $BULK_SIZE download over TLS (curl -k, HTTP/1.1), MB/s = 10^6 bytes/s"
+      printf '  %-10s %12s %12s %12s\n' peer MB/s "GH÷peer" "peer÷direct"
+      gh=$(value "$w" ptbulk gatehouse mbps)
+      direct=$(value "$w" ptbulk direct mbps)
       for peer in direct $PEERS; do
         local mbps
-        mbps=$(value "$w" "stream_$dir" "$peer" mbps)
-        printf '  %-10s %10.1f %10s K %10s K %10s K %12s\n' "$peer" "$mbps" \
-          "$(value "$w" "stream_$dir" "$peer" rss_start_kib)" "$(value "$w" "stream_$dir" "$peer" rss_peak_kib)" \
-          "$(value "$w" "stream_$dir" "$peer" rss_growth_kib)" "$(ratio "$gh" "$mbps")"
+        mbps=$(value "$w" ptbulk "$peer" mbps)
+        printf '  %-10s %12.1f %12s %12s\n' "$peer" "$mbps" "$(ratio "$gh" "$mbps")" "$(ratio "$mbps" "$direct")"
       done
-    done
-    echo
-    echo "Idle keep-alive connections: $IDLE_CONNECTIONS opened, one request each, then idle"
-    printf '  %-10s %12s %12s %10s %12s %12s\n' peer rss_before rss_after still_open KiB/conn "GH÷peer"
-    gh=$(value "$w" idle gatehouse kib_per_conn)
-    for peer in $PEERS; do
-      local per
-      per=$(value "$w" idle "$peer" kib_per_conn)
-      printf '  %-10s %10s K %10s K %10s %12s %12s\n' "$peer" "$(value "$w" idle "$peer" rss_before_kib)" \
-        "$(value "$w" idle "$peer" rss_after_kib)" "$(value "$w" idle "$peer" still_open)" "$per" "$(ratio "$gh" "$per")"
-    done
+    fi
+    if want hs; then
+      echo
+      echo "New TLS connections: full handshakes (no resumption), one request each, $HS_CONNECTIONS at once, $DURATION"
+      printf '  %-10s %14s %8s %8s %12s\n' peer handshakes/s errors non_2xx "GH÷peer"
+      gh=$(value "$w" hs gatehouse per_sec)
+      for peer in direct $PEERS; do
+        local hs
+        hs=$(value "$w" hs "$peer" per_sec)
+        printf '  %-10s %14.0f %8s %8s %12s\n' "$peer" "$hs" "$(value "$w" hs "$peer" errors)" \
+          "$(value "$w" hs "$peer" non_2xx)" "$(ratio "$gh" "$hs")"
+      done
+    fi
+    if want stream; then
+      local dir label
+      for dir in down up; do
+        label="download (curl -o /dev/null)"
+        [[ $dir == up ]] && label="upload (curl -T, read to its end by the sink)"
+        echo
+        echo "Streaming one $STREAM_SIZE body, $label; RSS of the peer's processes every 100 ms (direct: the server's)"
+        printf '  %-10s %10s %12s %12s %12s %12s\n' peer MB/s rss_start rss_peak growth "GH÷peer MB/s"
+        gh=$(value "$w" "stream_$dir" gatehouse mbps)
+        for peer in direct $PEERS; do
+          local mbps
+          mbps=$(value "$w" "stream_$dir" "$peer" mbps)
+          printf '  %-10s %10.1f %10s K %10s K %10s K %12s\n' "$peer" "$mbps" \
+            "$(value "$w" "stream_$dir" "$peer" rss_start_kib)" "$(value "$w" "stream_$dir" "$peer" rss_peak_kib)" \
+            "$(value "$w" "stream_$dir" "$peer" rss_growth_kib)" "$(ratio "$gh" "$mbps")"
+        done
+      done
+    fi
+    if want idle; then
+      echo
+      echo "Idle keep-alive connections: $IDLE_CONNECTIONS opened, one request each, then idle"
+      printf '  %-10s %12s %12s %10s %12s %12s\n' peer rss_before rss_after still_open KiB/conn "GH÷peer"
+      gh=$(value "$w" idle gatehouse kib_per_conn)
+      for peer in $PEERS; do
+        local per
+        per=$(value "$w" idle "$peer" kib_per_conn)
+        printf '  %-10s %10s K %10s K %10s %12s %12s\n' "$peer" "$(value "$w" idle "$peer" rss_before_kib)" \
+          "$(value "$w" idle "$peer" rss_after_kib)" "$(value "$w" idle "$peer" still_open)" "$per" "$(ratio "$gh" "$per")"
+      done
+    fi
   done
 }
 
@@ -700,6 +726,7 @@ make_certificate
 # (about 200 MB/s on the reference machine), in /dev/shm it is not.
 if [[ -d /dev/shm && -w /dev/shm ]]; then
   FILES=$(mktemp -d /dev/shm/gatehouse-bench.XXXXXX)
+  chmod 755 "$FILES" # nginx workers started by root run as nobody
 else
   FILES=$RUN/files
   mkdir -p "$FILES"
@@ -748,69 +775,88 @@ echo "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.t
 log "load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 started=$SECONDS
 
+# Interleaved rounds of one load: every round runs each peer (and direct) once.
+rounds() { # with_direct(0|1) function: runs `function w peer round` for each round and peer
+  local with_direct=$1 fn=$2 round peer
+  for round in $(seq "$ROUNDS"); do
+    for peer in $([[ $with_direct == 1 ]] && echo direct) $PEERS; do "$fn" "$w" "$peer" "$round"; sleep 1; done
+  done
+}
+
 for w in $WORKERS_LIST; do
   log "== $w worker(s): starting $PEERS"
   for peer in $PEERS; do start_peer "$peer" "$w"; done
 
-  log "warm-up ($WARMUP per peer)"
-  for peer in direct $PEERS; do run_wrk "$w" "$peer" 0 "$WARMUP" discard; done
+  if want http1 || want rate; then
+    log "warm-up ($WARMUP per peer)"
+    for peer in direct $PEERS; do run_wrk "$w" "$peer" 0 "$WARMUP" discard; done
+  fi
 
-  log "HTTP/1.1 max throughput"
-  for round in $(seq "$ROUNDS"); do
-    for peer in direct $PEERS; do run_wrk "$w" "$peer" "$round" "$DURATION"; sleep 1; done
-  done
-
-  nginx_max=$(value "$w" http1 nginx rps)
-  [[ $nginx_max == nan ]] && nginx_max=$(value "$w" http1 direct rps)
-  rate=$(awk -v r="$nginx_max" 'BEGIN { printf "%d", r / 2 }')
-  log "HTTP/1.1 fixed rate: $rate req/s"
-  for round in $(seq "$ROUNDS"); do
-    for peer in direct $PEERS; do
-      record "$w" rate "$peer" "$round" target_rps "$rate"
-      run_rate "$w" "$peer" "$round" "$rate"
-      sleep 1
+  if want http1; then
+    log "HTTP/1.1 max throughput"
+    for round in $(seq "$ROUNDS"); do
+      for peer in direct $PEERS; do run_wrk "$w" "$peer" "$round" "$DURATION"; sleep 1; done
     done
-  done
+  fi
 
-  log "h2c throughput"
-  for round in $(seq "$ROUNDS"); do
-    for peer in direct $PEERS; do run_h2 "$w" "$peer" "$round"; sleep 1; done
-  done
-
-  log "TLS termination: HTTP/1.1 over TLS"
-  for round in $(seq "$ROUNDS"); do
-    for peer in $PEERS; do run_tls_http1 "$w" "$peer" "$round"; sleep 1; done
-  done
-
-  log "TLS termination: h2 over TLS"
-  for round in $(seq "$ROUNDS"); do
-    for peer in $PEERS; do run_tls_h2 "$w" "$peer" "$round"; sleep 1; done
-  done
-
-  log "TLS passthrough: HTTP/1.1 keep-alive inside TLS, relayed by SNI"
-  for round in $(seq "$ROUNDS"); do
-    for peer in direct $PEERS; do run_pt_wrk "$w" "$peer" "$round"; sleep 1; done
-  done
-
-  log "TLS passthrough: one $BULK_SIZE download"
-  for round in $(seq "$ROUNDS"); do
-    for peer in direct $PEERS; do run_pt_bulk "$w" "$peer" "$round"; sleep 1; done
-  done
-
-  log "new TLS connections per second (full handshakes)"
-  for round in $(seq "$ROUNDS"); do
-    for peer in direct $PEERS; do run_handshakes "$w" "$peer" "$round"; sleep 1; done
-  done
-
-  log "streaming $STREAM_SIZE bodies (download, then upload), RSS sampled every 100 ms"
-  for round in $(seq "$ROUNDS"); do
-    for dir in down up; do
-      for peer in direct $PEERS; do run_stream "$w" "$peer" "$round" "$dir"; sleep 1; done
+  if want rate; then
+    nginx_max=$(value "$w" http1 nginx rps)
+    [[ $nginx_max == nan ]] && nginx_max=$(value "$w" http1 direct rps)
+    [[ $nginx_max == nan ]] && die "the fixed-rate row needs the http1 row (BENCH_TESTS)"
+    rate=$(awk -v r="$nginx_max" 'BEGIN { printf "%d", r / 2 }')
+    log "HTTP/1.1 fixed rate: $rate req/s"
+    for round in $(seq "$ROUNDS"); do
+      for peer in direct $PEERS; do
+        record "$w" rate "$peer" "$round" target_rps "$rate"
+        run_rate "$w" "$peer" "$round" "$rate"
+        sleep 1
+      done
     done
-  done
+  fi
 
-  log "idle connections memory"
-  for peer in $PEERS; do run_idle "$w" "$peer"; done
+  if want h2; then
+    log "h2c throughput"
+    rounds 1 run_h2
+  fi
+
+  if want tls1; then
+    log "TLS termination: HTTP/1.1 over TLS"
+    rounds 0 run_tls_http1
+  fi
+
+  if want tls2; then
+    log "TLS termination: h2 over TLS"
+    rounds 0 run_tls_h2
+  fi
+
+  if want pt1; then
+    log "TLS passthrough: HTTP/1.1 keep-alive inside TLS, relayed by SNI"
+    rounds 1 run_pt_wrk
+  fi
+
+  if want ptbulk; then
+    log "TLS passthrough: one $BULK_SIZE download"
+    rounds 1 run_pt_bulk
+  fi
+
+  if want hs; then
+    log "new TLS connections per second (full handshakes)"
+    rounds 1 run_handshakes
+  fi
+
+  if want stream; then
+    log "streaming $STREAM_SIZE bodies (download, then upload), RSS sampled every 100 ms"
+    for round in $(seq "$ROUNDS"); do
+      for dir in down up; do
+        for peer in direct $PEERS; do run_stream "$w" "$peer" "$round" "$dir"; sleep 1; done
+      done
+    done
+  fi
+
+  if want idle; then
+    log "idle connections memory"
+    for peer in $PEERS; do run_idle "$w" "$peer"; done
+  fi
 
   for peer in $PEERS; do stop_pid "${PEER_PID[$peer]}"; done
 done
