@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # Peer benchmark: Gatehouse vs nginx vs HAProxy, side by side, on loopback.
 #
-#   bench/run.sh            # full run (about 25 minutes with the defaults)
-#   bench/run.sh --quick    # smoke test (about 2 minutes): short loads, 1 round, 1 worker
+#   bench/run.sh            # full run (about 35 minutes with the defaults)
+#   bench/run.sh --quick    # smoke test (about 3 minutes): short loads, 1 round, 1 worker
 #
 # What it does (details and recorded numbers: docs/BENCHMARKS.md):
-#  1. installs nginx, haproxy, wrk and h2load (nghttp2-client) with apt-get when missing;
+#  1. installs nginx (and Debian's dynamic stream module, libnginx-mod-stream), haproxy,
+#     wrk, h2load (nghttp2-client) and curl with apt-get when missing;
 #  2. builds `gatehouse` and the `bench_client` example with cargo --release --locked;
-#  3. starts ONE fixed backend (a dedicated nginx answering `return 200 "..."`), used by
-#     every peer and by the direct baseline;
+#  3. starts ONE fixed backend (a dedicated nginx answering `return 200 "..."` on HTTP/1.1,
+#     h2c and TLS, and serving two sparse files: BENCH_BULK_SIZE and BENCH_STREAM_SIZE,
+#     made with `truncate` in /dev/shm), plus an upload sink (`bench_client sink`, which
+#     reads each body to its end before answering), used by every peer and by the direct
+#     baseline;
 #  4. for each worker count (BENCH_WORKERS, default "1 2") starts Gatehouse, nginx and
 #     HAProxy with that many workers/threads (configs: bench/*.conf, *.cfg, *.toml, ports
 #     filled in here), then runs, interleaved (direct, gatehouse, nginx, haproxy, repeat
@@ -19,6 +23,18 @@
 #       - h2c throughput (h2load, 100 concurrent streams per connection);
 #       - TLS termination (one throwaway ECDSA P-256 certificate, TLS 1.3): HTTP/1.1
 #         keep-alive throughput over TLS (wrk https) and h2 over TLS (h2load https);
+#       - TLS passthrough: each peer relays, by SNI and without terminating, to the
+#         backend's TLS port (Gatehouse `passthrough` route, nginx `stream` + ssl_preread,
+#         HAProxy `mode tcp` + req.ssl_sni; dedicated ports). (a) HTTP/1.1 keep-alive
+#         requests inside the relayed TLS (wrk https://localhost:PORT/, SNI localhost);
+#         (b) one BENCH_BULK_SIZE download over the relay (curl -k), in MB/s;
+#       - new TLS connections per second on each peer's TLS-terminating port (direct: the
+#         backend's TLS port): bench_client handshakes, BENCH_HANDSHAKE_CONNECTIONS loops
+#         of connect, full handshake (resumption disabled), one request, close;
+#       - streaming a BENCH_STREAM_SIZE body through the plain HTTP port, download (curl
+#         -o /dev/null) and upload (curl -T to the sink), sampling the peer's summed RSS
+#         every 100 ms: start, peak, growth, MB/s (nginx streams both ways on these paths:
+#         proxy_buffering off, proxy_request_buffering off);
 #       - memory of BENCH_IDLE_CONNECTIONS idle keep-alive connections (bench_client
 #         idle, on a freshly restarted peer; summed RSS of the peer's processes from
 #         /proc before and after, divided by the connections);
@@ -27,24 +43,29 @@
 # Everything it starts listens on 127.0.0.1 only and is stopped on exit.
 #
 # Settings (environment):
-#   BENCH_DURATION=10s        each measured load (wrk -d, h2load -D, rate client)
+#   BENCH_DURATION=10s        each measured load (wrk -d, h2load -D, rate and handshake clients)
 #   BENCH_WARMUP=3s           one unmeasured wrk run per peer before the first round
 #   BENCH_ROUNDS=3            interleaved rounds per load; medians are reported
 #   BENCH_WORKERS="1 2"       worker counts to measure (same for every peer)
 #   BENCH_CONNECTIONS=50      wrk / rate-client connections
-#   BENCH_WRK_THREADS=1       wrk threads (and rate-client threads)
+#   BENCH_WRK_THREADS=1       wrk threads (and rate- and handshake-client threads)
 #   BENCH_H2_CONNECTIONS=10   h2load connections (each with 100 streams: -m 100)
 #   BENCH_H2_STREAMS=100      h2load -m
+#   BENCH_HANDSHAKE_CONNECTIONS=50   new-TLS-connection loops running at once
+#   BENCH_BULK_SIZE=1G        TLS passthrough bulk download (truncate -s syntax)
+#   BENCH_STREAM_SIZE=2G      streamed body, each direction
 #   BENCH_IDLE_CONNECTIONS=10000   (fewer when `ulimit -n` cannot be raised far enough:
 #                             HAProxy reserves two descriptors per connection, so with
 #                             the 20000 hard limit of some containers this is 9500)
 #   BENCH_BACKEND_WORKERS=1   nginx workers of the fixed backend
-#   BENCH_PORT_BASE=18100     ports BASE..BASE+9 are used
+#   BENCH_PORT_BASE=18100     ports BASE..BASE+14 are used
 #   BENCH_MAX_LOAD=           if set (e.g. 0.7), wait until the 1-minute load average is
 #                             below it before measuring (polls every 30 s, up to
 #                             BENCH_LOAD_WAIT=900 s, then measures anyway and says so)
 #   BENCH_OUT=target/bench/<timestamp>   results directory
 #   BENCH_PEERS="gatehouse nginx haproxy"
+#   BENCH_TESTS="http1 rate h2 tls1 tls2 pt1 ptbulk hs stream idle"   rows to measure
+#                             (rate needs http1: its rate is half of nginx's maximum)
 #   BENCH_SKIP_BUILD=1        reuse target/release binaries (iterating on the harness)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -300,6 +321,11 @@ check_passthrough() { # port: one HTTPS request with SNI $PT_SNI must reach the 
   code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 --resolve "$PT_SNI:$1:127.0.0.1" \
     "https://$PT_SNI:$1/") || true
   [[ $code == 200 ]] || die "TLS passthrough on 127.0.0.1:$1 answered '$code' instead of 200"
+  [[ $1 == "$BACKEND_TLS_PORT" ]] && return 0
+  # Routed by SNI: another name must not get through.
+  code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 --resolve "other.test:$1:127.0.0.1" \
+    "https://other.test:$1/") || true
+  [[ $code == 000 ]] || die "TLS passthrough on 127.0.0.1:$1 relayed an unknown SNI (answered '$code')"
 }
 
 check_sink() { # port: a small upload must be read to its end
@@ -449,7 +475,7 @@ run_handshakes() { # workers peer round: full TLS handshakes, one request per co
   local w=$1 peer=$2 round=$3
   local raw=$OUT/raw/w$w-hs-$peer-r$round.txt
   "$ROOT/target/release/examples/bench_client" handshakes --addr "127.0.0.1:${TLS_PORT[$peer]}" \
-    --connections "$HS_CONNECTIONS" --duration "$DURATION" >"$raw" 2>&1 ||
+    --connections "$HS_CONNECTIONS" --threads "$WRK_THREADS" --duration "$DURATION" >"$raw" 2>&1 ||
     die "handshake client failed against $peer: $(tail -3 "$raw")"
   local line key
   line=$(tail -1 "$raw")
@@ -657,7 +683,7 @@ summary() {
     fi
     if want hs; then
       echo
-      echo "New TLS connections: full handshakes (no resumption), one request each, $HS_CONNECTIONS at once, $DURATION"
+      echo "New TLS connections: full handshakes (no resumption), one request each, bench_client handshakes -c$HS_CONNECTIONS -t$WRK_THREADS, $DURATION"
       printf '  %-10s %14s %8s %8s %12s\n' peer handshakes/s errors non_2xx "GH÷peer"
       gh=$(value "$w" hs gatehouse per_sec)
       for peer in direct $PEERS; do

@@ -95,6 +95,9 @@ enum Command {
         /// Connections being set up at once.
         #[arg(long, default_value_t = 50)]
         connections: usize,
+        /// Client threads (1: a single-threaded event loop).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: Duration,
         #[arg(long, default_value = "/")]
@@ -129,9 +132,10 @@ fn main() -> anyhow::Result<()> {
             addr,
             sni,
             connections,
+            threads,
             duration,
             path,
-        } => run_handshakes(addr, &sni, connections, duration, &path),
+        } => run_handshakes(addr, &sni, connections, threads, duration, &path),
         Command::Sink { listen } => run_sink(listen),
     }
 }
@@ -541,6 +545,7 @@ fn run_handshakes(
     addr: SocketAddr,
     sni: &str,
     connections: usize,
+    threads: usize,
     duration: Duration,
     path: &str,
 ) -> anyhow::Result<()> {
@@ -563,9 +568,16 @@ fn run_handshakes(
         )
         .into_bytes(),
     );
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
     let started = std::time::Instant::now();
     let results = runtime.block_on(async {
         let end = tokio::time::Instant::now() + duration;
@@ -737,7 +749,9 @@ fn discard(reader: &mut impl io::BufRead, mut len: u64) -> io::Result<()> {
         if available.is_empty() {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let n = available.len().min(usize::try_from(len).unwrap_or(usize::MAX));
+        let n = available
+            .len()
+            .min(usize::try_from(len).unwrap_or(usize::MAX));
         reader.consume(n);
         len -= n as u64;
     }
