@@ -314,6 +314,14 @@ check_tls() { # port: one HTTPS request (h2 by ALPN) must answer 200
   local out
   out=$(h2load -n 1 -c 1 "https://127.0.0.1:$1/" 2>&1) || true
   grep -q '1 2xx' <<<"$out" || die "TLS on 127.0.0.1:$1 failed: $(tail -3 <<<"$out")"
+  check_tls13 "$1" bench.test
+}
+
+check_tls13() { # port sni: every TLS endpoint must negotiate TLS 1.3 (nginx before 1.23.4
+  # offers only up to 1.2 unless ssl_protocols says otherwise)
+  local out
+  out=$(openssl s_client -connect "127.0.0.1:$1" -servername "$2" </dev/null 2>&1) || true
+  grep -q 'TLSv1\.3' <<<"$out" || die "127.0.0.1:$1 did not negotiate TLS 1.3: $(grep -m1 -i 'protocol' <<<"$out")"
 }
 
 check_passthrough() { # port: one HTTPS request with SNI $PT_SNI must reach the backend's TLS port
@@ -321,6 +329,7 @@ check_passthrough() { # port: one HTTPS request with SNI $PT_SNI must reach the 
   code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 --resolve "$PT_SNI:$1:127.0.0.1" \
     "https://$PT_SNI:$1/") || true
   [[ $code == 200 ]] || die "TLS passthrough on 127.0.0.1:$1 answered '$code' instead of 200"
+  check_tls13 "$1" "$PT_SNI"
   [[ $1 == "$BACKEND_TLS_PORT" ]] && return 0
   # Routed by SNI: another name must not get through.
   code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 5 --resolve "other.test:$1:127.0.0.1" \
