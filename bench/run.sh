@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Peer benchmark: Gatehouse vs nginx vs HAProxy, side by side, on loopback.
 #
-#   bench/run.sh            # full run (about 35 minutes with the defaults)
+#   bench/run.sh            # full run (about 40 minutes with the defaults)
 #   bench/run.sh --quick    # smoke test (about 3 minutes): short loads, 1 round, 1 worker
 #
 # What it does (details and recorded numbers: docs/BENCHMARKS.md):
