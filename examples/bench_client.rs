@@ -15,7 +15,20 @@
 //! the response, then holds every connection open and idle. Prints `ready N` once all are
 //! established and keeps them until `--hold` elapses or it is killed.
 //!
-//! Both speak only to the address given (the harness uses 127.0.0.1).
+//! `handshakes`: new TLS connections per second. `--connections` loops each connect,
+//! make a full TLS handshake (session resumption disabled: no tickets, no session ids
+//! are kept), send one HTTP/1.1 request with `Connection: close`, read the response and
+//! drop the connection, for `--duration`. The server certificate is not checked against
+//! any root (the harness uses a throwaway one) but its handshake signature is verified,
+//! as a real client does. Prints one `key=value` line.
+//!
+//! `sink`: an HTTP/1.1 upload sink for the streaming benchmark. It reads every request
+//! body to its end (Content-Length or chunked, `Expect: 100-continue` honoured) without
+//! keeping it, and only then answers `200` with `received=N`. nginx cannot do this
+//! without help: `return 200` answers before the body has arrived and discards the rest
+//! afterwards, and the modules that read a whole body first spool it to a file.
+//!
+//! All speak only to the address given (the harness uses 127.0.0.1).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -23,6 +36,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 
 #[derive(Parser)]
 #[command(about = "Gatehouse benchmark load helpers")]
@@ -68,6 +85,29 @@ enum Command {
         #[arg(long, default_value = "/")]
         path: String,
     },
+    /// New TLS connections per second: full handshake, one request, close; in a loop.
+    Handshakes {
+        #[arg(long)]
+        addr: SocketAddr,
+        /// Server name sent in the ClientHello (SNI) and in `Host`.
+        #[arg(long, default_value = "bench.test")]
+        sni: String,
+        /// Connections being set up at once.
+        #[arg(long, default_value_t = 50)]
+        connections: usize,
+        /// Client threads (1: a single-threaded event loop).
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: Duration,
+        #[arg(long, default_value = "/")]
+        path: String,
+    },
+    /// Accept HTTP/1.1 uploads on `--listen`, read each body to its end, answer 200.
+    Sink {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -88,6 +128,15 @@ fn main() -> anyhow::Result<()> {
             hold,
             path,
         } => run_idle(addr, connections, concurrency, hold, &path),
+        Command::Handshakes {
+            addr,
+            sni,
+            connections,
+            threads,
+            duration,
+            path,
+        } => run_handshakes(addr, &sni, connections, threads, duration, &path),
+        Command::Sink { listen } => run_sink(listen),
     }
 }
 
@@ -432,5 +481,279 @@ fn run_idle(
         }
     }
     println!("still_open {still_open}");
+    Ok(())
+}
+
+/// Accepts any server certificate but verifies the handshake signature with it, so the
+/// client does the same cryptographic work as one that trusts the certificate.
+#[derive(Debug)]
+struct AnyCertificate(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[derive(Default)]
+struct HandshakeResult {
+    completed: u64,
+    errors: u64,
+    non_2xx: u64,
+}
+
+fn run_handshakes(
+    addr: SocketAddr,
+    sni: &str,
+    connections: usize,
+    threads: usize,
+    duration: Duration,
+    path: &str,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(connections > 0, "connections must be > 0");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    // Every connection a full handshake: nothing is remembered between connections.
+    config.resumption = rustls::client::Resumption::disabled();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let server_name = ServerName::try_from(sni.to_owned())?;
+    let request = Arc::new(
+        format!(
+            "GET {path} HTTP/1.1\r\nHost: {sni}\r\nUser-Agent: gatehouse-bench\r\n\
+             Connection: close\r\n\r\n"
+        )
+        .into_bytes(),
+    );
+    let runtime = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    let started = std::time::Instant::now();
+    let results = runtime.block_on(async {
+        let end = tokio::time::Instant::now() + duration;
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..connections {
+            let connector = connector.clone();
+            let server_name = server_name.clone();
+            let request = request.clone();
+            tasks.spawn(async move {
+                let mut result = HandshakeResult::default();
+                let mut buf = Vec::with_capacity(4096);
+                while tokio::time::Instant::now() < end {
+                    let exchange = async {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let tcp = connect_async(addr).await?;
+                        let mut tls = connector.connect(server_name.clone(), tcp).await?;
+                        tls.write_all(&request).await?;
+                        buf.clear();
+                        loop {
+                            if let Some((status, _)) = complete_response(&buf)? {
+                                return io::Result::Ok(status);
+                            }
+                            buf.reserve(4096);
+                            if tls.read_buf(&mut buf).await? == 0 {
+                                return Err(io::ErrorKind::UnexpectedEof.into());
+                            }
+                        }
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+                        Ok(Ok(status)) if (200..300).contains(&status) => result.completed += 1,
+                        Ok(Ok(_)) => result.non_2xx += 1,
+                        _ => result.errors += 1,
+                    }
+                }
+                result
+            });
+        }
+        let mut total = HandshakeResult::default();
+        while let Some(result) = tasks.join_next().await {
+            let result = result?;
+            total.completed += result.completed;
+            total.errors += result.errors;
+            total.non_2xx += result.non_2xx;
+        }
+        anyhow::Ok(total)
+    })?;
+    let elapsed = started.elapsed().as_secs_f64();
+    println!(
+        "handshakes={} per_sec={:.0} errors={} non_2xx={} seconds={elapsed:.2}",
+        results.completed,
+        results.completed as f64 / elapsed,
+        results.errors,
+        results.non_2xx,
+    );
+    Ok(())
+}
+
+fn run_sink(listen: SocketAddr) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    println!("listening {}", listener.local_addr()?);
+    io::stdout().flush()?;
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        std::thread::spawn(move || {
+            if let Err(err) = sink_connection(stream) {
+                if err.kind() != io::ErrorKind::UnexpectedEof {
+                    eprintln!("sink: {err}");
+                }
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Serves keep-alive requests on one connection until the client closes it.
+fn sink_connection(stream: TcpStream) -> io::Result<()> {
+    use std::io::BufRead;
+    stream.set_nodelay(true)?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = io::BufReader::with_capacity(256 * 1024, stream);
+    loop {
+        // The header block, bounded.
+        let mut head = Vec::new();
+        loop {
+            let start = head.len();
+            if reader.read_until(b'\n', &mut head)? == 0 {
+                return if head.is_empty() {
+                    Ok(())
+                } else {
+                    Err(io::ErrorKind::UnexpectedEof.into())
+                };
+            }
+            if head.len() > 64 * 1024 {
+                return Err(io::Error::other("header block over 64 KiB"));
+            }
+            if head[start..] == *b"\r\n" || head[start..] == *b"\n" {
+                break;
+            }
+        }
+        let head = String::from_utf8_lossy(&head);
+        let mut content_length: u64 = 0;
+        let mut chunked = false;
+        let mut expect_continue = false;
+        let mut close = false;
+        for line in head.lines().skip(1) {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim().to_ascii_lowercase();
+            match name.trim().to_ascii_lowercase().as_str() {
+                "content-length" => {
+                    content_length = value.parse().map_err(io::Error::other)?;
+                }
+                "transfer-encoding" => chunked = value.contains("chunked"),
+                "expect" => expect_continue = value == "100-continue",
+                "connection" => close = value.contains("close"),
+                _ => {}
+            }
+        }
+        if expect_continue {
+            writer.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
+        }
+        let received = if chunked {
+            let mut total = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line)? == 0 {
+                    return Err(io::ErrorKind::UnexpectedEof.into());
+                }
+                let size_text = line.trim().split(';').next().unwrap_or("");
+                let size = u64::from_str_radix(size_text, 16).map_err(io::Error::other)?;
+                if size == 0 {
+                    // Trailers, then an empty line.
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line)? == 0 || line.trim().is_empty() {
+                            break;
+                        }
+                    }
+                    break;
+                }
+                discard(&mut reader, size)?;
+                discard(&mut reader, 2)?;
+                total += size;
+            }
+            total
+        } else {
+            discard(&mut reader, content_length)?;
+            content_length
+        };
+        let body = format!("received={received}\n");
+        writer.write_all(
+            format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )?;
+        if close {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads and drops exactly `len` bytes.
+fn discard(reader: &mut impl io::BufRead, mut len: u64) -> io::Result<()> {
+    while len > 0 {
+        let available = reader.fill_buf()?;
+        if available.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let n = available
+            .len()
+            .min(usize::try_from(len).unwrap_or(usize::MAX));
+        reader.consume(n);
+        len -= n as u64;
+    }
     Ok(())
 }
