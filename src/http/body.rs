@@ -112,25 +112,32 @@ impl Timers {
 #[derive(Clone)]
 pub struct BodyProgress {
     origin: Instant,
-    /// Nanoseconds after `origin`; an atomic so the per-frame update costs no lock.
-    last: Arc<AtomicU64>,
+    /// Nanoseconds after `origin`; an atomic so the per-frame update costs no lock. None
+    /// for a body that has nothing left to send: its progress stays at `origin`.
+    last: Option<Arc<AtomicU64>>,
 }
 
 impl BodyProgress {
-    fn new() -> BodyProgress {
+    fn new(moves: bool) -> BodyProgress {
         BodyProgress {
             origin: Instant::now(),
-            last: Arc::new(AtomicU64::new(0)),
+            last: moves.then(|| Arc::new(AtomicU64::new(0))),
         }
     }
 
     fn touch(&self) {
-        let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last.store(nanos, Ordering::Relaxed);
+        if let Some(last) = &self.last {
+            let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            last.store(nanos, Ordering::Relaxed);
+        }
     }
 
     pub fn last(&self) -> Instant {
-        self.origin + Duration::from_nanos(self.last.load(Ordering::Relaxed))
+        let nanos = self
+            .last
+            .as_ref()
+            .map_or(0, |last| last.load(Ordering::Relaxed));
+        self.origin + Duration::from_nanos(nanos)
     }
 }
 
@@ -223,8 +230,11 @@ impl RequestBody {
 
     /// Starts tracking when this body last moved a frame or ended, from now on.
     pub fn track_progress(&mut self) -> BodyProgress {
-        let progress = BodyProgress::new();
-        self.progress = Some(progress.clone());
+        let moves = !self.is_end_stream();
+        let progress = BodyProgress::new(moves);
+        if moves {
+            self.progress = Some(progress.clone());
+        }
         progress
     }
 
@@ -349,7 +359,13 @@ pub struct ResponseBody {
     grpc: bool,
     /// Held until the body ends: the pool's concurrency slot and the endpoint's in-flight
     /// count, so both cover the whole exchange, not just the wait for the head.
-    hold: Option<Box<dyn Send + Sync>>,
+    hold: Option<Hold>,
+}
+
+/// What a forwarded response keeps until its body ends (typed: no box per request).
+pub struct Hold {
+    pub slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub in_flight: crate::upstream::InFlight,
 }
 
 impl ResponseBody {
@@ -416,7 +432,7 @@ impl ResponseBody {
     }
 
     /// Keeps `value` alive until this body ends or is dropped.
-    pub fn with_hold(mut self, value: Box<dyn Send + Sync>) -> ResponseBody {
+    pub fn with_hold(mut self, value: Hold) -> ResponseBody {
         self.hold = Some(value);
         self
     }

@@ -230,7 +230,10 @@ pub fn new_request_id() -> HeaderValue {
     for (index, slot) in text.iter_mut().enumerate() {
         *slot = HEX[((bits >> (index * 4)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // One allocation that clones share: the id goes upstream and back to the client, and
+    // a copied slice would allocate again on its first clone.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(text))
+        .unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::body::{BodyProgress, RequestBody, ResponseBody, Timers};
+use super::body::{BodyProgress, Hold, RequestBody, ResponseBody, Timers};
 use super::error::{error_response, is_grpc, ProxyError};
 use super::headers::{self, ForwardInfo};
 use crate::config::RetryOn;
@@ -628,7 +628,8 @@ impl Proxy {
                 route: None,
             }),
         };
-        let mut tried: Vec<usize> = Vec::new();
+        // Endpoints tried so far; inline up to four (no allocation per request).
+        let mut tried: smallvec::SmallVec<[usize; 4]> = smallvec::SmallVec::new();
         let (response, endpoint, in_flight, sent_at) = loop {
             let admission = match &breaker {
                 Some(breaker) => match breaker.state.lock().admit(breaker.config) {
@@ -885,7 +886,7 @@ impl Proxy {
             headers::append_via(&mut parts.headers, parts.version);
         }
         let timers = Timers::new(route.timeouts.idle, deadline);
-        let mut body = ResponseBody::upstream(body, timers).with_hold(Box::new((slot, in_flight)));
+        let mut body = ResponseBody::upstream(body, timers).with_hold(Hold { slot, in_flight });
         if exchange.grpc && is_grpc(&parts.headers) {
             body = body.with_grpc_status_on_error();
         }

@@ -467,13 +467,19 @@ impl Connections {
             return;
         }
         let mut pool = pool.lock();
-        pool.parked.retain(|conn| !conn.sender.is_closed());
-        let idle = pool
-            .parked
-            .iter()
-            .filter(|conn| conn.sender.is_ready())
-            .count();
-        if idle < settings.max_idle {
+        // Parked connections include ones still finishing their exchange, so fewer than
+        // `max_idle` parked means fewer idle: only at that size is the list pruned and the
+        // idle ones counted (a scan per request made many concurrent streams quadratic).
+        let room = pool.parked.len() < settings.max_idle || {
+            pool.parked.retain(|conn| !conn.sender.is_closed());
+            let idle = pool
+                .parked
+                .iter()
+                .filter(|conn| conn.sender.is_ready())
+                .count();
+            idle < settings.max_idle
+        };
+        if room {
             pool.parked.push(Parked {
                 sender,
                 client: owner,
