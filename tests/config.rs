@@ -68,7 +68,7 @@ const MANY_MISTAKES_ERRORS: &[&str] = &[
     r#"workers: invalid type: string "four", expected a non-negative integer"#,
     r#"listeners[1].name: duplicate listener name "public""#,
     r#"listeners[1].bind: invalid address "localhost:80"; expected ip:port such as 127.0.0.1:8080 or [::]:443"#,
-    "listeners[2].colour: unknown field `colour`, expected one of `name`, `bind`, `protocol`, `reuse_port`, `max_connections`, `limits`, `firewall`, `proxy_protocol`, `tls`, `tcp`, `redirect_https`",
+    "listeners[2].colour: unknown field `colour`, expected one of `name`, `bind`, `protocol`, `reuse_port`, `splice`, `max_connections`, `limits`, `firewall`, `proxy_protocol`, `tls`, `tcp`, `redirect_https`",
     r#"listeners[2].limits.max_request_header_bytes: invalid size "64 KiBs"; write it like "512", "64KiB" or "10MiB""#,
     r#"pools[0].connect_timeout: invalid duration "soon" (expected number at 0); write it like "30s", "250ms" or "1m 30s""#,
     r#"routes[1].max_request_body: invalid size "ten megs"; write it like "512", "64KiB" or "10MiB""#,

@@ -310,6 +310,11 @@ pub struct ListenerConfig {
     /// Set `SO_REUSEPORT` so several processes (or an upgrade) can share the port.
     #[serde(default)]
     pub reuse_port: bool,
+    /// L4 relays (TCP listener, TLS passthrough) move bytes with `splice(2)` through a pipe
+    /// per direction instead of a 64 KiB buffer (HAProxy's `option splice-auto`). Off by
+    /// default: measured slower on loopback (docs/BENCHMARKS.md).
+    #[serde(default)]
+    pub splice: bool,
     /// 0 means unlimited.
     #[serde(default)]
     pub max_connections: u32,

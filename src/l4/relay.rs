@@ -1,6 +1,6 @@
 //! The layer-4 relay (SPEC CONN-8): bidirectional copy between client and backend with
-//! half-close propagation, an idle timeout, byte counters, and zero-copy `splice(2)` on
-//! Linux.
+//! half-close propagation, an idle timeout, byte counters, and optional zero-copy
+//! `splice(2)` on Linux.
 //!
 //! Semantics, shared by [`relay`] and [`relay_buffered`]:
 //!
@@ -16,8 +16,11 @@
 //! * An I/O error in either direction ends the whole relay with that error.
 //! * Counters count bytes delivered to the destination; they are returned even on error.
 //!
-//! Zero-copy: on Linux, [`relay`] moves bytes socket → pipe → socket with `splice(2)`, one
-//! pipe per direction, so payload never enters user space. Readiness comes from tokio
+//! Zero-copy, when the listener asks for it (`splice = true`; off by default because a pipe
+//! carries at most 16 socket buffers per round trip and measured slower than the 64 KiB
+//! buffered copy on loopback, see docs/BENCHMARKS.md): on Linux, [`relay`] moves bytes
+//! socket → pipe → socket with `splice(2)`, one pipe per direction, so payload never
+//! enters user space. Readiness comes from tokio
 //! (`readable()`/`writable()` + `try_io`), which keeps the sockets in the runtime's reactor.
 //! A direction falls back to a buffered copy if its first `splice` fails with `EINVAL` or
 //! `ENOSYS` (e.g. sandboxes such as gVisor, or socket types that do not support it) or if
@@ -107,12 +110,14 @@ impl Shared {
 
 /// Relays until both directions have ended (EOF forwarded as `shutdown(SHUT_WR)` to the
 /// other side — half-close), or the idle timeout (no bytes in either direction) passes, or
-/// `cancel` fires. Uses `splice(2)` through a pipe per direction on Linux, falling back to
-/// a buffered copy (64 KiB max buffer per direction) elsewhere or if splice is unsupported.
+/// `cancel` fires. A buffered copy (64 KiB max buffer per direction), or with `splice` on
+/// Linux `splice(2)` through a pipe per direction, falling back to the buffered copy if
+/// splice is unsupported.
 pub async fn relay(
     client: TcpStream,
     backend: TcpStream,
     idle_timeout: Duration,
+    splice: bool,
     cancel: CancellationToken,
 ) -> (RelayStats, Result<(), RelayError>) {
     relay_tcp(
@@ -120,7 +125,7 @@ pub async fn relay(
         backend,
         idle_timeout,
         cancel,
-        cfg!(target_os = "linux"),
+        splice && cfg!(target_os = "linux"),
     )
     .await
 }

@@ -270,6 +270,7 @@ async fn relay_to(
         client_stream,
         backend,
         target.idle_timeout,
+        target.splice,
         CancellationToken::new(),
     )
     .await;

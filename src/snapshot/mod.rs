@@ -158,6 +158,8 @@ pub struct RelayTarget {
     pub pool: Arc<Pool>,
     pub send_proxy_protocol: Option<ProxyProtocolVersion>,
     pub idle_timeout: Duration,
+    /// Relay with `splice(2)` (the listener's `splice`).
+    pub splice: bool,
 }
 
 /// What a TLS listener does with a ClientHello.
@@ -347,6 +349,7 @@ fn compile_listener(
                 pool: pool.clone(),
                 send_proxy_protocol: send,
                 idle_timeout: idle.0,
+                splice: config.splice,
             })
             .ok_or_else(|| CompileError::UnknownPool {
                 path: field,
