@@ -12,14 +12,15 @@ use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
+use bytes::BytesMut;
 use http::HeaderName;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ListenerConfig, RedirectHttpsConfig};
+use crate::listener::prefixed::Prefixed;
 pub use proxy::{Connection, Proxy};
 
 /// What the connection pipeline learned before HTTP began.
@@ -57,31 +58,25 @@ pub async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = &listener.limits;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.request_header_timeout.0)
-        .max_buf_size(limits.max_request_header_bytes.0.max(8192) as usize)
-        .max_headers(limits.max_request_headers)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(limits.h2_max_concurrent_streams)
-        .initial_stream_window_size(clamp_window(limits.h2_initial_stream_window.0))
-        .initial_connection_window_size(clamp_window(limits.h2_initial_connection_window.0))
-        .max_header_list_size(limits.max_request_header_bytes.0.min(u64::from(u32::MAX)) as u32)
-        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
-        .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
     // hyper hides a request's Content-Length + Transfer-Encoding ambiguity; the scanner
     // sees the raw head so the proxy can reject it (see `framing`).
-    let (stream, framing) = framing::inspect(
+    let (mut stream, framing) = framing::inspect(
         stream,
         limits.max_request_header_bytes.0.max(8192) as usize,
         limits.max_request_headers,
     );
+    let header_timeout = limits.request_header_timeout.0;
     let peer = info.client;
+    // HTTP/1 or h2c is decided here from the first bytes, and those bytes are replayed to
+    // hyper in one read. hyper-util's auto-detection replays 24 bytes as a read of their
+    // own, so hyper's first read of every HTTP/1 connection came up short and its 8 KiB
+    // read buffer grew to 16 KiB, kept for the connection's life (docs/BENCHMARKS.md).
+    let (first, h2) = match tokio::time::timeout(header_timeout, read_first(&mut stream)).await {
+        Ok(Ok(first)) => first,
+        Ok(Err(err)) => return log_end(peer, Err(err)),
+        Err(_) => return log_end(peer, Err("no request before the header timeout")),
+    };
+    let stream = TokioIo::new(Prefixed::new(first, stream));
     let conn = Arc::new(Connection {
         peer,
         peer_value: peer_header_value(peer.ip()),
@@ -102,10 +97,91 @@ pub async fn serve_connection<S>(
     // idle or not, and moves the future into it per request. The proxy future is tens of
     // KiB; a box makes the slot one pointer (per idle connection memory, docs/BENCHMARKS.md).
     let conn_for_drain = conn.clone();
-    let header_timeout = limits.request_header_timeout.0;
     let service =
         service_fn(move |request| pin_box_in_place(|| proxy.clone().handle(conn.clone(), request)));
-    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(limits.h2_max_concurrent_streams)
+            .initial_stream_window_size(clamp_window(limits.h2_initial_stream_window.0))
+            .initial_connection_window_size(clamp_window(limits.h2_initial_connection_window.0))
+            .max_header_list_size(limits.max_request_header_bytes.0.min(u64::from(u32::MAX)) as u32)
+            .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+            .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
+        let connection = builder.serve_connection(stream, service);
+        drive(connection, &conn_for_drain, header_timeout, drain, peer).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(header_timeout)
+            .max_buf_size(limits.max_request_header_bytes.0.max(8192) as usize)
+            .max_headers(limits.max_request_headers)
+            .keep_alive(true);
+        let connection = builder.serve_connection(stream, service).with_upgrades();
+        drive(connection, &conn_for_drain, header_timeout, drain, peer).await;
+    }
+}
+
+/// Reads until the first bytes tell HTTP/1 from the h2c preface (usually one read);
+/// returns them and whether they are the preface. End of stream counts as HTTP/1: hyper
+/// then sees the end itself.
+async fn read_first<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<(BytesMut, bool)> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    let mut first = BytesMut::with_capacity(4096);
+    loop {
+        let read = stream.read_buf(&mut first).await?;
+        let common = first.len().min(PREFACE.len());
+        if first[..common] != PREFACE[..common] || read == 0 {
+            return Ok((first, false));
+        }
+        if first.len() >= PREFACE.len() {
+            return Ok((first, true));
+        }
+    }
+}
+
+/// A hyper connection future that can be asked to finish gracefully.
+trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
+}
+
+impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self)
+    }
+}
+
+impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin,
+    B: http_body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
+        hyper::server::conn::http2::Connection::graceful_shutdown(self)
+    }
+}
+
+/// Runs a connection to its end; when `drain` fires it finishes gracefully.
+async fn drive(
+    connection: impl Graceful,
+    conn: &Connection,
+    header_timeout: std::time::Duration,
+    drain: CancellationToken,
+    peer: SocketAddr,
+) {
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
@@ -115,8 +191,8 @@ pub async fn serve_connection<S>(
             // nothing wrong, would see its request fail. Serve that first request (bounded
             // by the header timeout), then close; connections that already served requests
             // and sit idle close now.
-            if conn_for_drain.requests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-                let first = tokio::time::timeout(header_timeout, conn_for_drain.first_request.notified());
+            if conn.requests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+                let first = tokio::time::timeout(header_timeout, conn.first_request.notified());
                 tokio::select! {
                     result = connection.as_mut() => return log_end(peer, result),
                     _ = first => {}

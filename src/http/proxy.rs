@@ -160,6 +160,7 @@ impl Proxy {
         // only the raw-head scanner knows it had both (RFC 9112 §6.1: a smuggling attempt
         // until proven otherwise).
         let ambiguous = conn.framing.is_ambiguous(served);
+        let http1 = request.version() <= Version::HTTP_11;
         let outcome = if ambiguous {
             Err(ProxyError::BadRequest(
                 "both Content-Length and Transfer-Encoding",
@@ -168,6 +169,14 @@ impl Proxy {
             self.route_and_forward(&conn, request, client_ip, &mut exchange, started)
                 .await
         };
+        // A body refused for its size is left unread: the connection closes after the
+        // answer (as nginx does), and saying so keeps the client from sending its next
+        // request on it.
+        let body_left_unread = http1
+            && matches!(
+                outcome,
+                Err(ProxyError::Body(super::body::BodyError::TooLarge { .. }))
+            );
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
@@ -189,7 +198,7 @@ impl Proxy {
         let limit_reached =
             limit > 0 && served >= limit && response.status() != StatusCode::SWITCHING_PROTOCOLS;
         // The rest of an ambiguous request's bytes cannot be trusted as a next request.
-        if ambiguous || limit_reached {
+        if ambiguous || limit_reached || body_left_unread {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
