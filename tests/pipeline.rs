@@ -662,6 +662,41 @@ key = "{}"
     }
 }
 
+#[tokio::test]
+async fn the_first_header_timeout_counts_from_the_connection_not_from_its_first_byte() {
+    let app = Backend::echo().await;
+    let config = format!(
+        r#"
+[[listeners]]
+name = "plain"
+bind = "127.0.0.1:0"
+limits = {{ request_header_timeout = "400ms" }}
+{}"#,
+        forward_all(app.addr)
+    );
+    let gateway = Gateway::start(&config);
+    let mut slow = TcpStream::connect(gateway.addr("plain")).await.unwrap();
+    let connected = Instant::now();
+    // Silent for most of the timeout, then a head that never completes: the whole first
+    // head gets 400 ms from the connection, not 400 ms more from its first byte.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    slow.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 256];
+    let read = tokio::time::timeout(PATIENCE, slow.read(&mut buf))
+        .await
+        .expect("the slow client was never dropped");
+    let elapsed = connected.elapsed();
+    if let Ok(n) = read {
+        assert!(n == 0 || String::from_utf8_lossy(&buf[..n]).contains("408"));
+    }
+    assert!(
+        elapsed >= Duration::from_millis(380) && elapsed < Duration::from_millis(700),
+        "dropped {elapsed:?} after connecting; the timeout is 400 ms from the connection"
+    );
+}
+
 // ---------------------------------------------------------------------------------------
 // Must-show 12: L4 relay
 // ---------------------------------------------------------------------------------------

@@ -66,16 +66,20 @@ pub async fn serve_connection<S>(
         limits.max_request_headers,
     );
     let header_timeout = limits.request_header_timeout.0;
+    // The first request head must be complete this long after HTTP begins, the wait for
+    // its first bytes included (hyper's own header timer starts only once it reads).
+    let first_head_deadline = tokio::time::Instant::now() + header_timeout;
     let peer = info.client;
     // HTTP/1 or h2c is decided here from the first bytes, and those bytes are replayed to
     // hyper in one read. hyper-util's auto-detection replays 24 bytes as a read of their
     // own, so hyper's first read of every HTTP/1 connection came up short and its 8 KiB
     // read buffer grew to 16 KiB, kept for the connection's life (docs/BENCHMARKS.md).
-    let (first, h2) = match tokio::time::timeout(header_timeout, read_first(&mut stream)).await {
-        Ok(Ok(first)) => first,
-        Ok(Err(err)) => return log_end(peer, Err(err)),
-        Err(_) => return log_end(peer, Err("no request before the header timeout")),
-    };
+    let (first, h2) =
+        match tokio::time::timeout_at(first_head_deadline, read_first(&mut stream)).await {
+            Ok(Ok(first)) => first,
+            Ok(Err(err)) => return log_end(peer, Err(err)),
+            Err(_) => return log_end(peer, Err("no request before the header timeout")),
+        };
     let stream = TokioIo::new(Prefixed::new(first, stream));
     let conn = Arc::new(Connection {
         peer,
@@ -110,7 +114,14 @@ pub async fn serve_connection<S>(
             .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
             .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
         let connection = builder.serve_connection(stream, service);
-        drive(connection, &conn_for_drain, header_timeout, drain, peer).await;
+        drive(
+            connection,
+            &conn_for_drain,
+            first_head_deadline,
+            drain,
+            peer,
+        )
+        .await;
     } else {
         let mut builder = hyper::server::conn::http1::Builder::new();
         builder
@@ -120,7 +131,14 @@ pub async fn serve_connection<S>(
             .max_headers(limits.max_request_headers)
             .keep_alive(true);
         let connection = builder.serve_connection(stream, service).with_upgrades();
-        drive(connection, &conn_for_drain, header_timeout, drain, peer).await;
+        drive(
+            connection,
+            &conn_for_drain,
+            first_head_deadline,
+            drain,
+            peer,
+        )
+        .await;
     }
 }
 
@@ -178,13 +196,16 @@ where
 async fn drive(
     connection: impl Graceful,
     conn: &Connection,
-    header_timeout: std::time::Duration,
+    first_head_deadline: tokio::time::Instant,
     drain: CancellationToken,
     peer: SocketAddr,
 ) {
     let mut connection = std::pin::pin!(connection);
     let result = tokio::select! {
         result = connection.as_mut() => result,
+        () = first_head_missed(conn, first_head_deadline) => {
+            return log_end(peer, Err("no complete request head before the header timeout"));
+        }
         _ = drain.cancelled() => {
             // A connection accepted just before the drain began has usually not sent its
             // request yet, and hyper would close it at once as idle: the client, who did
@@ -192,7 +213,7 @@ async fn drive(
             // by the header timeout), then close; connections that already served requests
             // and sit idle close now.
             if conn.requests.load(std::sync::atomic::Ordering::Relaxed) == 0 {
-                let first = tokio::time::timeout(header_timeout, conn.first_request.notified());
+                let first = tokio::time::timeout_at(first_head_deadline, conn.first_request.notified());
                 tokio::select! {
                     result = connection.as_mut() => return log_end(peer, result),
                     _ = first => {}
@@ -203,6 +224,23 @@ async fn drive(
         }
     };
     log_end(peer, result);
+}
+
+/// Resolves if the connection's first request head has not arrived by `deadline`; stays
+/// pending once it has.
+async fn first_head_missed(conn: &Connection, deadline: tokio::time::Instant) {
+    let served = || conn.requests.load(std::sync::atomic::Ordering::Relaxed) > 0;
+    if !served() {
+        tokio::select! {
+            () = tokio::time::sleep_until(deadline) => {
+                if !served() {
+                    return;
+                }
+            }
+            () = conn.first_request.notified() => {}
+        }
+    }
+    std::future::pending().await
 }
 
 fn log_end<E: std::fmt::Display>(peer: std::net::SocketAddr, result: Result<(), E>) {
