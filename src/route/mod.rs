@@ -201,8 +201,11 @@ struct TrieNode {
     ranks: Vec<u32>,
 }
 
-#[derive(Default)]
 struct PathIndex {
+    /// The best rank anywhere in this index: a lookup that already holds a better one
+    /// skips the index (exact-host routes outrank wildcard and host-less ones at equal
+    /// priority, so with a known host the other indexes are usually not consulted).
+    min_rank: u32,
     exact: HashMap<Box<str>, Vec<u32>>,
     prefixes: TrieNode,
     regex: Option<(RegexSet, Vec<u32>)>,
@@ -210,8 +213,22 @@ struct PathIndex {
     any: Vec<u32>,
 }
 
+impl Default for PathIndex {
+    fn default() -> Self {
+        PathIndex {
+            min_rank: u32::MAX,
+            exact: HashMap::default(),
+            prefixes: TrieNode::default(),
+            regex: None,
+            regex_pending: Vec::new(),
+            any: Vec::new(),
+        }
+    }
+}
+
 impl PathIndex {
     fn insert(&mut self, form: &PathForm, rank: u32) {
+        self.min_rank = self.min_rank.min(rank);
         match form {
             PathForm::Exact(path) => self
                 .exact
@@ -241,6 +258,9 @@ impl PathIndex {
 
     /// The best (lowest) rank in this index whose entry fully matches, if better than `best`.
     fn best(&self, router: &Router, facts: &RequestFacts<'_>, mut best: u32) -> u32 {
+        if self.min_rank >= best {
+            return best;
+        }
         if let Some(ranks) = self.exact.get(facts.path) {
             best = router.first_match(ranks, facts, best);
         }
@@ -279,6 +299,8 @@ pub struct Router {
     /// Bit n is set when some wildcard suffix has n labels (`*.a.example.com` → 3), so a
     /// lookup only hashes the suffixes of the request host that could be in the map.
     wildcard_label_counts: u64,
+    /// The best rank among wildcard-host entries (see `PathIndex::min_rank`).
+    wildcard_min_rank: u32,
     any_host: PathIndex,
 }
 
@@ -400,6 +422,7 @@ impl Router {
             exact_hosts: HashMap::default(),
             wildcard_hosts: HashMap::default(),
             wildcard_label_counts: 0,
+            wildcard_min_rank: u32::MAX,
             any_host: PathIndex::default(),
         };
         for (rank, entry) in entries.iter().enumerate() {
@@ -408,6 +431,7 @@ impl Router {
                 HostKey::Exact(host) => router.exact_hosts.entry(host.as_str().into()).or_default(),
                 HostKey::Wildcard(suffix) => {
                     router.wildcard_label_counts |= label_bit(label_count(suffix));
+                    router.wildcard_min_rank = router.wildcard_min_rank.min(rank);
                     router
                         .wildcard_hosts
                         .entry(suffix.as_str().into())
@@ -450,7 +474,7 @@ impl Router {
         if let Some(index) = self.exact_hosts.get(facts.host) {
             best = index.best(self, facts, best);
         }
-        if self.wildcard_label_counts != 0 {
+        if self.wildcard_label_counts != 0 && self.wildcard_min_rank < best {
             let mut rest = facts.host;
             let mut labels = label_count(rest);
             while let Some((_, suffix)) = rest.split_once('.') {
@@ -616,6 +640,34 @@ mod tests {
             router.lookup(&facts("example.com", &get, "/", &headers)),
             None
         );
+    }
+
+    #[test]
+    fn exact_hosts_win_at_equal_priority_and_a_higher_priority_wins_across_host_classes() {
+        let router = build(&[
+            (0, matcher(r#"path_prefix = "/""#)),
+            (0, matcher(r#"hosts = ["*.example.com"]"#)),
+            (
+                0,
+                matcher("hosts = [\"api.example.com\"]\npath_prefix = \"/\""),
+            ),
+            (7, matcher(r#"path_prefix = "/urgent""#)),
+            (
+                3,
+                matcher("hosts = [\"*.example.com\"]\npath_prefix = \"/wild\""),
+            ),
+        ]);
+        let headers = HeaderMap::new();
+        let get = Method::GET;
+        let at = |host, path| router.lookup(&facts(host, &get, path, &headers));
+        // Equal priority: exact host, then wildcard, then no host.
+        assert_eq!(at("api.example.com", "/x"), Some(2));
+        assert_eq!(at("www.example.com", "/x"), Some(1));
+        assert_eq!(at("other.test", "/x"), Some(0));
+        // A higher priority beats a more specific host, whichever index holds it.
+        assert_eq!(at("api.example.com", "/urgent/1"), Some(3));
+        assert_eq!(at("api.example.com", "/wild"), Some(4));
+        assert_eq!(at("other.test", "/wild"), Some(0));
     }
 
     #[test]
