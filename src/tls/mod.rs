@@ -16,7 +16,9 @@ use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::ServerName;
 
-pub use certs::{certified_from_pem, CertStore, CertTable, LeafInfo, LoadedCert, ACME_TLS_ALPN};
+pub use certs::{
+    certified_from_pem, CertStore, CertTable, LeafInfo, LoadedCert, NoVerification, ACME_TLS_ALPN,
+};
 
 use crate::config::{ClientAuthMode, ListenerTls, TlsVersion, UpstreamTls};
 
