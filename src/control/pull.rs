@@ -11,9 +11,6 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use serde::Serialize;
 
 use super::bundle::Bundle;
@@ -162,106 +159,52 @@ fn apply(control: &Control, text: &str) -> Result<Option<super::Outcome>, PullEr
         .map_err(PullError::Refused)
 }
 
-/// GETs the bundle, bounded by `max_size`.
+/// GETs the bundle, bounded by `max_size`, with the gateway's own HTTP client.
 async fn fetch(settings: &PullConfig) -> Result<String, PullError> {
-    let uri: http::Uri = settings
-        .url
-        .parse()
-        .map_err(|err: http::uri::InvalidUri| PullError::Url(err.to_string()))?;
-    let https = uri.scheme_str() == Some("https");
-    let host = uri
-        .host()
-        .ok_or_else(|| PullError::Url("no host".into()))?
-        .to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let address = format!(
-        "{}:{port}",
-        host.trim_start_matches('[').trim_end_matches(']')
-    );
-    let tcp =
-        tokio::net::TcpStream::connect((host.trim_start_matches('[').trim_end_matches(']'), port))
-            .await
-            .map_err(|source| PullError::Connect {
-                address: address.clone(),
-                source,
-            })?;
-    let path = uri
-        .path_and_query()
-        .map_or("/", |path| path.as_str())
-        .to_string();
-    let authority = uri
-        .authority()
-        .map_or_else(|| host.clone(), |a| a.to_string());
-    let request = http::Request::get(path)
-        .header(http::header::HOST, authority)
-        .header(http::header::USER_AGENT, "gatehouse-pull")
-        .header(http::header::ACCEPT, "application/json")
-        .body(Empty::<Bytes>::new())
-        .map_err(|err| PullError::Url(err.to_string()))?;
-    let max = settings.max_size.0;
-    if https {
-        let connector = tls_connector(settings)?;
-        let name = rustls_pki_types::ServerName::try_from(
-            host.trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string(),
-        )
-        .map_err(|err| PullError::Tls(err.to_string()))?;
-        let tls = connector
-            .connect(name, tcp)
-            .await
-            .map_err(|err| PullError::Tls(err.to_string()))?;
-        exchange(tls, request, max).await
-    } else {
-        exchange(tcp, request, max).await
-    }
-}
-
-fn tls_connector(settings: &PullConfig) -> Result<tokio_rustls::TlsConnector, PullError> {
-    let roots = match &settings.ca {
-        Some(path) => {
-            crate::tls::load_roots(path).map_err(|err| PullError::Tls(format!("pull.ca: {err}")))?
+    use crate::policy::client::{self, ClientError};
+    let target = client::Target::parse(&settings.url).map_err(PullError::Url)?;
+    let tls = match target.tls {
+        true => {
+            let verify = crate::config::UpstreamTls {
+                ca: settings.ca.clone(),
+                ..Default::default()
+            };
+            Some(
+                crate::tls::UpstreamTlsConnector::new(&verify, &[b"http/1.1"])
+                    .map_err(|err| PullError::Tls(format!("pull.ca: {err}")))?,
+            )
         }
-        None => {
-            let mut roots = rustls::RootCertStore::empty();
-            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
-            roots
-        }
+        false => None,
     };
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(crate::tls::provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|err| PullError::Tls(err.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
-}
-
-async fn exchange<S>(
-    stream: S,
-    request: http::Request<Empty<Bytes>>,
-    max: u64,
-) -> Result<String, PullError>
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, connection) =
-        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let driver = tokio::spawn(connection);
-    let response = sender.send_request(request).await?;
-    let status = response.status();
-    if !status.is_success() {
-        driver.abort();
-        return Err(PullError::Status(status));
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static("gatehouse-pull"),
+    );
+    headers.insert(
+        http::header::ACCEPT,
+        http::HeaderValue::from_static("application/json"),
+    );
+    let max = settings.max_size.0;
+    let answer = client::get_with(
+        &target,
+        headers,
+        settings.timeout.0,
+        max,
+        true,
+        tls.as_ref(),
+    )
+    .await
+    .map_err(|err| match err {
+        ClientError::Connect(address, source) => PullError::Connect { address, source },
+        ClientError::Tls(_, message) => PullError::Tls(message),
+        ClientError::Http(err) => PullError::Http(err),
+        ClientError::Timeout(after) => PullError::Timeout(after),
+        ClientError::TooLarge(max) => PullError::TooLarge(max),
+        ClientError::Request(message) => PullError::Url(message),
+    })?;
+    if !answer.status.is_success() {
+        return Err(PullError::Status(answer.status));
     }
-    let limit = usize::try_from(max).unwrap_or(usize::MAX);
-    let body = Limited::new(response.into_body(), limit)
-        .collect()
-        .await
-        .map_err(|err| match err.downcast::<hyper::Error>() {
-            Ok(err) => PullError::Http(*err),
-            Err(_) => PullError::TooLarge(max),
-        });
-    driver.abort();
-    String::from_utf8(body?.to_bytes().to_vec()).map_err(|_| PullError::NotUtf8)
+    String::from_utf8(answer.body.to_vec()).map_err(|_| PullError::NotUtf8)
 }

@@ -1,6 +1,6 @@
-//! The small HTTP/1.1 client the policies use to reach their own services (JWKS documents,
-//! external authorization): one connection per call, a deadline over the whole exchange and
-//! a cap on the body read.
+//! The gateway's small HTTP/1.1 client for reaching its own services (JWKS documents,
+//! external authorization, pull mode's bundle server): one connection per call, a deadline
+//! over the whole exchange and a cap on the body read.
 
 use std::time::Duration;
 
@@ -83,9 +83,21 @@ pub async fn get(
     max_body: u64,
     strict: bool,
 ) -> Result<Answer, ClientError> {
+    get_with(target, headers, timeout, max_body, strict, None).await
+}
+
+/// [`get`], with `https://` verified by `tls` instead of the system's roots.
+pub async fn get_with(
+    target: &Target,
+    headers: HeaderMap,
+    timeout: Duration,
+    max_body: u64,
+    strict: bool,
+    tls: Option<&crate::tls::UpstreamTlsConnector>,
+) -> Result<Answer, ClientError> {
     tokio::time::timeout(
         timeout,
-        exchange(target, headers, timeout, max_body, strict),
+        exchange(target, headers, timeout, max_body, strict, tls),
     )
     .await
     .map_err(|_| ClientError::Timeout(timeout))?
@@ -97,6 +109,7 @@ async fn exchange(
     timeout: Duration,
     max_body: u64,
     strict: bool,
+    tls: Option<&crate::tls::UpstreamTlsConnector>,
 ) -> Result<Answer, ClientError> {
     let tcp = tokio::net::TcpStream::connect(&target.address)
         .await
@@ -108,7 +121,10 @@ async fn exchange(
         .map_err(|e| ClientError::Request(e.to_string()))?;
     request.headers_mut().extend(headers);
     let response = if target.tls {
-        let tls = connector().map_err(|e| ClientError::Tls(target.host.clone(), e.clone()))?;
+        let tls = match tls {
+            Some(tls) => tls,
+            None => connector().map_err(|e| ClientError::Tls(target.host.clone(), e.clone()))?,
+        };
         let name = tls
             .server_name_for(&target.address)
             .map_err(|e| ClientError::Tls(target.host.clone(), e.to_string()))?;
