@@ -335,32 +335,21 @@ impl Control {
             Format::Toml => toml::from_str(text).ok(),
         };
         let present = |key: &str| raw.as_ref().is_some_and(|raw| raw.get(key).is_some());
-        let mut errors = Vec::new();
         let bootstrap = self.bootstrap.read().clone();
-        if present("store") && config.store != bootstrap.store {
-            errors.push(ConfigError {
-                path: "store".into(),
+        let changed = [
+            ("store", config.store != bootstrap.store),
+            ("admin", config.admin != bootstrap.admin),
+            ("bundles", config.bundles != bootstrap.bundles),
+            ("pull", config.pull != bootstrap.pull),
+        ];
+        let errors: Vec<ConfigError> = changed
+            .into_iter()
+            .filter(|&(key, changed)| changed && present(key))
+            .map(|(key, _)| ConfigError {
+                path: key.into(),
                 message: "a bootstrap setting: change it in the config file and restart".into(),
-            });
-        }
-        if present("admin") && config.admin != bootstrap.admin {
-            errors.push(ConfigError {
-                path: "admin".into(),
-                message: "a bootstrap setting: change it in the config file and restart".into(),
-            });
-        }
-        if present("bundles") && config.bundles != bootstrap.bundles {
-            errors.push(ConfigError {
-                path: "bundles".into(),
-                message: "a bootstrap setting: change it in the config file and restart".into(),
-            });
-        }
-        if present("pull") && config.pull != bootstrap.pull {
-            errors.push(ConfigError {
-                path: "pull".into(),
-                message: "a bootstrap setting: change it in the config file and restart".into(),
-            });
-        }
+            })
+            .collect();
         if !errors.is_empty() {
             return Err(ControlError::Invalid(ConfigErrors(errors)));
         }
