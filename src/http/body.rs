@@ -30,6 +30,8 @@ pub enum BodyError {
     Deadline,
     #[error("client body error: {0}")]
     Client(hyper::Error),
+    #[error("client body error: {0}")]
+    ClientH1(#[from] super::h1::body::BodyReadError),
     #[error("upstream body error: {0}")]
     Upstream(hyper::Error),
     #[error("response compression failed: {0}")]
@@ -141,9 +143,53 @@ impl BodyProgress {
     }
 }
 
+/// A client's request body as the server side read it: HTTP/2 from hyper, HTTP/1 from
+/// the gateway's own server (`http::h1`).
+pub enum ClientBody {
+    Empty,
+    H1(super::h1::body::Body),
+    H2(Incoming),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Empty => Poll::Ready(None),
+            ClientBody::H1(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(BodyError::ClientH1))),
+            ClientBody::H2(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(BodyError::Client))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Empty => true,
+            ClientBody::H1(body) => body.is_end_stream(),
+            ClientBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Empty => SizeHint::with_exact(0),
+            ClientBody::H1(body) => body.size_hint(),
+            ClientBody::H2(body) => body.size_hint(),
+        }
+    }
+}
+
 /// The request body sent upstream: the client's body with the limit and timeouts applied.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Option<ClientBody>,
     /// A frame read ahead of forwarding (see `RequestBody::peek_first`).
     peeked: Option<Frame<Bytes>>,
     limit: Option<u64>,
@@ -165,7 +211,7 @@ impl Drop for RequestBody {
 }
 
 impl RequestBody {
-    pub fn new(inner: Incoming, limit: Option<u64>, timers: Timers) -> RequestBody {
+    pub fn new(inner: ClientBody, limit: Option<u64>, timers: Timers) -> RequestBody {
         RequestBody {
             inner: Some(inner),
             peeked: None,
@@ -255,7 +301,7 @@ impl RequestBody {
                 self.count(&frame)?;
                 self.peeked = Some(frame);
             }
-            Some(Err(err)) => return Err(BodyError::Client(err)),
+            Some(Err(err)) => return Err(err),
             None => self.inner = None,
         }
         Ok(())
@@ -304,7 +350,7 @@ impl Body for RequestBody {
             }
             Poll::Ready(Some(Err(err))) => {
                 this.inner = None;
-                Poll::Ready(Some(Err(BodyError::Client(err))))
+                Poll::Ready(Some(Err(err)))
             }
             Poll::Ready(None) => {
                 this.inner = None;

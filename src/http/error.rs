@@ -52,7 +52,10 @@ impl ProxyError {
                         BodyError::TooLarge { limit } => BodyError::TooLarge { limit: *limit },
                         BodyError::IdleTimeout(period) => BodyError::IdleTimeout(*period),
                         BodyError::Deadline => BodyError::Deadline,
-                        BodyError::Client(_) | BodyError::Upstream(_) | BodyError::Encode(_) => {
+                        BodyError::Client(_)
+                        | BodyError::ClientH1(_)
+                        | BodyError::Upstream(_)
+                        | BodyError::Encode(_) => {
                             return ProxyError::BadRequest("malformed or aborted request body")
                         }
                     };
@@ -73,7 +76,9 @@ impl ProxyError {
             ProxyError::Body(BodyError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             ProxyError::Body(BodyError::IdleTimeout(_)) => StatusCode::REQUEST_TIMEOUT,
             ProxyError::Body(BodyError::Deadline) => StatusCode::GATEWAY_TIMEOUT,
-            ProxyError::Body(BodyError::Client(_)) => StatusCode::BAD_REQUEST,
+            ProxyError::Body(BodyError::Client(_) | BodyError::ClientH1(_)) => {
+                StatusCode::BAD_REQUEST
+            }
             ProxyError::Body(BodyError::Upstream(_)) => StatusCode::BAD_GATEWAY,
             ProxyError::Body(BodyError::Encode(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             ProxyError::Upstream(UpstreamError::ResponseTimeout(_)) => StatusCode::GATEWAY_TIMEOUT,

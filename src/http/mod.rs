@@ -4,7 +4,7 @@
 
 pub mod body;
 pub mod error;
-pub mod framing;
+pub mod h1;
 pub mod headers;
 pub mod proxy;
 
@@ -57,35 +57,25 @@ pub async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let mut stream = stream;
     let limits = &listener.limits;
-    // hyper hides a request's Content-Length + Transfer-Encoding ambiguity; the scanner
-    // sees the raw head so the proxy can reject it (see `framing`).
-    let (mut stream, framing) = framing::inspect(
-        stream,
-        limits.max_request_header_bytes.0.max(8192) as usize,
-        limits.max_request_headers,
-    );
     let header_timeout = limits.request_header_timeout.0;
     // The first request head must be complete this long after HTTP begins, the wait for
     // its first bytes included (hyper's own header timer starts only once it reads).
     let first_head_deadline = tokio::time::Instant::now() + header_timeout;
     let peer = info.client;
-    // HTTP/1 or h2c is decided here from the first bytes, and those bytes are replayed to
-    // hyper in one read. hyper-util's auto-detection replays 24 bytes as a read of their
-    // own, so hyper's first read of every HTTP/1 connection came up short and its 8 KiB
-    // read buffer grew to 16 KiB, kept for the connection's life (docs/BENCHMARKS.md).
+    // HTTP/1 or h2c is decided here from the first bytes; HTTP/1 parses them in place and
+    // h2c gets them replayed to hyper in one read.
     let (first, h2) =
         match tokio::time::timeout_at(first_head_deadline, read_first(&mut stream)).await {
             Ok(Ok(first)) => first,
             Ok(Err(err)) => return log_end(peer, Err(err)),
             Err(_) => return log_end(peer, Err("no request before the header timeout")),
         };
-    let stream = TokioIo::new(Prefixed::new(first, stream));
     let conn = Arc::new(Connection {
         peer,
         peer_value: peer_header_value(peer.ip()),
         local: info.local,
-        framing,
         listener_name: listener.name.as_str().into(),
         listener: listener.clone(),
         scheme: if info.tls.is_some() { "https" } else { "http" },
@@ -97,13 +87,25 @@ pub async fn serve_connection<S>(
         client_cert_header: info.client_cert_header,
         redirect_https: info.redirect_https,
     });
-    // Boxed: hyper keeps a slot the size of the service future in every HTTP/1 connection,
-    // idle or not, and moves the future into it per request. The proxy future is tens of
-    // KiB; a box makes the slot one pointer (per idle connection memory, docs/BENCHMARKS.md).
+    if !h2 {
+        h1::serve(
+            proxy,
+            conn,
+            Box::new(stream),
+            first,
+            first_head_deadline,
+            drain,
+        )
+        .await;
+        return;
+    }
+    let stream = TokioIo::new(Prefixed::new(first, stream));
     let conn_for_drain = conn.clone();
-    let service =
-        service_fn(move |request| pin_box_in_place(|| proxy.clone().handle(conn.clone(), request)));
-    if h2 {
+    let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+        let request = request.map(body::ClientBody::H2);
+        pin_box_in_place(|| proxy.clone().handle(conn.clone(), request))
+    });
+    {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -114,23 +116,6 @@ pub async fn serve_connection<S>(
             .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
             .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
         let connection = builder.serve_connection(stream, service);
-        drive(
-            connection,
-            &conn_for_drain,
-            first_head_deadline,
-            drain,
-            peer,
-        )
-        .await;
-    } else {
-        let mut builder = hyper::server::conn::http1::Builder::new();
-        builder
-            .timer(TokioTimer::new())
-            .header_read_timeout(header_timeout)
-            .max_buf_size(limits.max_request_header_bytes.0.max(8192) as usize)
-            .max_headers(limits.max_request_headers)
-            .keep_alive(true);
-        let connection = builder.serve_connection(stream, service).with_upgrades();
         drive(
             connection,
             &conn_for_drain,
@@ -160,22 +145,9 @@ async fn read_first<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<(By
     }
 }
 
-/// A hyper connection future that can be asked to finish gracefully.
+/// A hyper (HTTP/2) connection future that can be asked to finish gracefully.
 trait Graceful: std::future::Future<Output = Result<(), hyper::Error>> {
     fn graceful_shutdown(self: std::pin::Pin<&mut Self>);
-}
-
-impl<I, S, B> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
-where
-    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(self: std::pin::Pin<&mut Self>) {
-        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self)
-    }
 }
 
 impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>

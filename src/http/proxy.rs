@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
-use super::body::{BodyProgress, Hold, RequestBody, ResponseBody, Timers};
+use super::body::{BodyProgress, ClientBody, Hold, RequestBody, ResponseBody, Timers};
 use super::error::{error_response, is_grpc, ProxyError};
 use super::headers::{self, ForwardInfo};
 use crate::config::RetryOn;
@@ -70,8 +70,6 @@ pub struct Connection {
     /// Negotiated TLS version and the client's SNI, on terminated TLS (for the log).
     pub tls_version: Option<&'static str>,
     pub sni: Option<Arc<str>>,
-    /// Framing facts hyper does not expose, by request position (HTTP/1 only).
-    pub framing: Arc<super::framing::FramingReport>,
     /// Verified client certificate subject (mTLS).
     pub client_subject: Option<Arc<str>>,
     pub client_cert_header: Option<http::HeaderName>,
@@ -99,7 +97,7 @@ impl Proxy {
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<Connection>,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
     ) -> Result<Response<ResponseBody>, Infallible> {
         let snapshot = self.publisher.load();
         let started = Instant::now();
@@ -156,10 +154,12 @@ impl Proxy {
             spans,
             pool: None,
         };
-        // hyper dropped Content-Length from this request and kept Transfer-Encoding, so
-        // only the raw-head scanner knows it had both (RFC 9112 §6.1: a smuggling attempt
-        // until proven otherwise).
-        let ambiguous = conn.framing.is_ambiguous(served);
+        // Both Content-Length and Transfer-Encoding: RFC 9112 §6.1 makes it a smuggling
+        // attempt until proven otherwise.
+        let ambiguous = request
+            .extensions()
+            .get::<super::h1::AmbiguousFraming>()
+            .is_some();
         let http1 = request.version() <= Version::HTTP_11;
         let outcome = if ambiguous {
             Err(ProxyError::BadRequest(
@@ -236,7 +236,7 @@ impl Proxy {
     async fn route_and_forward(
         &self,
         conn: &Connection,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         client_ip: std::net::IpAddr,
         exchange: &mut Exchange,
         started: Instant,
@@ -407,7 +407,7 @@ impl Proxy {
     async fn forward(
         &self,
         conn: &Connection,
-        request: Request<Incoming>,
+        request: Request<ClientBody>,
         route: &Arc<Route>,
         split_choice: Option<usize>,
         client_ip: std::net::IpAddr,
@@ -467,7 +467,7 @@ impl Proxy {
         };
         let downstream_upgrade = upgrade
             .as_ref()
-            .and_then(|_| parts.extensions.remove::<OnUpgrade>());
+            .and_then(|_| parts.extensions.remove::<super::h1::OnUpgrade>());
         let te_trailers = headers::remove_hop_by_hop(&mut parts.headers);
         parts.headers.remove(EXPECT);
         let host_value = parts.headers.remove(HOST);
@@ -1445,15 +1445,18 @@ fn expand_location(template: &str, scheme: &str, host: &str, uri: &Uri) -> Strin
 }
 
 /// Relays an upgraded connection (WebSocket) byte for byte until either side closes.
-async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade) {
-    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
-        Ok(pair) => pair,
-        Err(err) => {
-            tracing::debug!(error = %err, "upgrade failed");
+async fn tunnel(downstream: super::h1::OnUpgrade, upstream: OnUpgrade) {
+    let (mut downstream, upstream) = match tokio::join!(downstream, upstream) {
+        (Ok(downstream), Ok(upstream)) => (downstream, upstream),
+        (Err(err), _) => {
+            tracing::debug!(error = %err, "the client connection was not handed over");
+            return;
+        }
+        (_, Err(err)) => {
+            tracing::debug!(error = %err, "upstream upgrade failed");
             return;
         }
     };
-    let mut downstream = TokioIo::new(downstream);
     let mut upstream = TokioIo::new(upstream);
     if let Err(err) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(error = %err, "upgraded tunnel closed with an error");

@@ -1,0 +1,503 @@
+//! HTTP/1 message heads: a client's request head parsed into `http` types with its body
+//! framing (RFC 9112 §6), and a response head written out with the framing the client
+//! gets.
+
+use std::mem::MaybeUninit;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+
+/// Why a request head was refused before it reached the proxy.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HeadError {
+    #[error("malformed request head: {0}")]
+    Malformed(&'static str),
+    #[error("request head larger than {0} bytes or with too many fields")]
+    TooLarge(usize),
+    #[error("unsupported HTTP version")]
+    Version,
+}
+
+impl HeadError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
+            HeadError::TooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::Version => StatusCode::HTTP_VERSION_NOT_SUPPORTED,
+        }
+    }
+}
+
+/// How a request's body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+/// A parsed request head and what the connection needs to know about it.
+pub struct Head {
+    pub request: Request<()>,
+    pub framing: Framing,
+    /// The client asked to keep the connection open after this exchange.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` on HTTP/1.1: the client waits for an interim answer.
+    pub expect_continue: bool,
+    /// Both `Content-Length` and `Transfer-Encoding` were sent (RFC 9112 §6.1). The body
+    /// is read as chunked so the connection stays in step, and the proxy refuses it.
+    pub ambiguous: bool,
+    /// Wants the connection handed over after a `101 Switching Protocols`.
+    pub upgrade: bool,
+}
+
+/// Parses one request head from the front of `buf`. `Ok(None)`: incomplete, read more.
+/// On success the head's bytes are split off `buf`; header values share them.
+pub fn parse(
+    buf: &mut BytesMut,
+    max_head: usize,
+    max_headers: usize,
+) -> Result<Option<Head>, HeadError> {
+    // Stack slots: the common request fits, and a per-request heap array would be one more
+    // allocation on the hot path. Larger limits fall back to the heap.
+    const STACK_SLOTS: usize = 128;
+    let mut stack: [MaybeUninit<httparse::Header<'_>>; STACK_SLOTS] =
+        [const { MaybeUninit::uninit() }; STACK_SLOTS];
+    let mut heap: Vec<MaybeUninit<httparse::Header<'_>>> = Vec::new();
+    let slots: &mut [MaybeUninit<httparse::Header<'_>>] = if max_headers <= STACK_SLOTS {
+        &mut stack[..max_headers]
+    } else {
+        heap.resize_with(max_headers, MaybeUninit::uninit);
+        &mut heap
+    };
+    let mut parsed = httparse::Request::new(&mut []);
+    let status = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut parsed,
+        buf,
+        slots,
+    );
+    let len = match status {
+        Ok(httparse::Status::Complete(len)) => {
+            if len > max_head {
+                return Err(HeadError::TooLarge(max_head));
+            }
+            len
+        }
+        Ok(httparse::Status::Partial) => {
+            return if buf.len() >= max_head {
+                Err(HeadError::TooLarge(max_head))
+            } else {
+                Ok(None)
+            };
+        }
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooLarge(max_head)),
+        Err(httparse::Error::Version) => return Err(HeadError::Version),
+        Err(_) => return Err(HeadError::Malformed("invalid request line or header field")),
+    };
+    let version = match parsed.version {
+        Some(0) => Version::HTTP_10,
+        _ => Version::HTTP_11,
+    };
+    let method = Method::from_bytes(parsed.method.unwrap_or("").as_bytes())
+        .map_err(|_| HeadError::Malformed("invalid method"))?;
+    // Offsets into `buf` survive the split below; the parsed slices do not.
+    let base = buf.as_ptr() as usize;
+    let offset = |part: &[u8]| (part.as_ptr() as usize - base, part.len());
+    let target = offset(parsed.path.unwrap_or("").as_bytes());
+    let mut fields: smallvec::SmallVec<[(HeaderName, (usize, usize)); 24]> =
+        smallvec::SmallVec::new();
+    for header in parsed.headers.iter() {
+        let name = HeaderName::from_bytes(header.name.as_bytes())
+            .map_err(|_| HeadError::Malformed("invalid header name"))?;
+        fields.push((name, offset(header.value)));
+    }
+    let head = buf.split_to(len).freeze();
+    let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
+
+    let uri = Uri::from_maybe_shared(slice(target))
+        .map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(fields.len());
+    let mut framing = Framing::None;
+    let mut content_length: Option<u64> = None;
+    let mut chunked = false;
+    let mut transfer_encoding = false;
+    let mut connection_close = false;
+    let mut connection_keep_alive = false;
+    let mut connection_upgrade = false;
+    let mut expect_continue = false;
+    for (name, span) in fields {
+        let value = HeaderValue::from_maybe_shared(slice(span))
+            .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        if name == CONTENT_LENGTH {
+            let length = parse_content_length(value.as_bytes())
+                .ok_or(HeadError::Malformed("invalid Content-Length"))?;
+            if content_length.is_some_and(|earlier| earlier != length) {
+                return Err(HeadError::Malformed("differing Content-Length values"));
+            }
+            content_length = Some(length);
+        } else if name == TRANSFER_ENCODING {
+            transfer_encoding = true;
+            // Only the final coding decides; `chunked` anywhere else is invalid framing.
+            chunked = value
+                .to_str()
+                .ok()
+                .and_then(|codings| codings.rsplit(',').next())
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name == CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                connection_close |= token.eq_ignore_ascii_case(b"close");
+                connection_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+                connection_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+            }
+        } else if name == http::header::EXPECT {
+            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        }
+        headers.append(name, value);
+    }
+    if transfer_encoding {
+        if version == Version::HTTP_10 {
+            return Err(HeadError::Malformed(
+                "Transfer-Encoding in an HTTP/1.0 request",
+            ));
+        }
+        if !chunked {
+            return Err(HeadError::Malformed(
+                "Transfer-Encoding does not end in chunked",
+            ));
+        }
+        framing = Framing::Chunked;
+    } else if let Some(length) = content_length.filter(|&length| length > 0) {
+        framing = Framing::Length(length);
+    }
+    let keep_alive = match version {
+        Version::HTTP_10 => connection_keep_alive && !connection_close,
+        _ => !connection_close,
+    };
+    let upgrade = version == Version::HTTP_11
+        && connection_upgrade
+        && headers.contains_key(http::header::UPGRADE);
+    let mut request = Request::new(());
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.version_mut() = version;
+    *request.headers_mut() = headers;
+    Ok(Some(Head {
+        request,
+        framing,
+        keep_alive,
+        expect_continue: expect_continue && version == Version::HTTP_11,
+        ambiguous: transfer_encoding && content_length.is_some(),
+        upgrade,
+    }))
+}
+
+/// Digits only, as RFC 9110 §8.6 has it (no sign, no spaces inside); a comma-separated
+/// list of one repeated value is accepted like repeated fields are.
+fn parse_content_length(value: &[u8]) -> Option<u64> {
+    let mut result = None;
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        let length: u64 = std::str::from_utf8(part).ok()?.parse().ok()?;
+        if result.is_some_and(|earlier| earlier != length) {
+            return None;
+        }
+        result = Some(length);
+    }
+    result
+}
+
+/// How a response body is sent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFraming {
+    /// Nothing follows the head (HEAD requests, 1xx, 204, 304).
+    Nothing,
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (an HTTP/1.0 client and a body of unknown length).
+    UntilClose,
+}
+
+/// What the request means for how its response is written.
+pub struct ResponseContext {
+    pub version: Version,
+    pub head_request: bool,
+    pub keep_alive: bool,
+}
+
+/// Writes `status` and `headers` into `out`, adding the framing, `Connection` and `Date`
+/// headers the exchange needs. Returns the body framing and whether the connection may be
+/// kept open afterwards.
+pub fn encode_response(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    body_hint: http_body::SizeHint,
+    body_empty: bool,
+    context: &ResponseContext,
+) -> (BodyFraming, bool) {
+    let mut keep_alive = context.keep_alive;
+    if headers
+        .get_all(CONNECTION)
+        .iter()
+        .any(|value| has_token(value.as_bytes(), b"close"))
+    {
+        keep_alive = false;
+    }
+    let no_body = context.head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|value| parse_content_length(value.as_bytes()));
+    headers.remove(TRANSFER_ENCODING);
+    let framing = if status.is_informational() || status == StatusCode::NO_CONTENT {
+        headers.remove(CONTENT_LENGTH);
+        BodyFraming::Nothing
+    } else if no_body {
+        BodyFraming::Nothing
+    } else if let Some(length) = declared {
+        BodyFraming::Length(length)
+    } else if body_empty {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("0"));
+        BodyFraming::Length(0)
+    } else if let Some(exact) = body_hint.exact() {
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(exact));
+        BodyFraming::Length(exact)
+    } else if context.version == Version::HTTP_11 {
+        headers.insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        BodyFraming::Chunked
+    } else {
+        keep_alive = false;
+        BodyFraming::UntilClose
+    };
+    if status != StatusCode::SWITCHING_PROTOCOLS {
+        if !keep_alive {
+            if !headers.contains_key(CONNECTION) || context.version == Version::HTTP_11 {
+                headers.insert(CONNECTION, HeaderValue::from_static("close"));
+            }
+        } else if context.version == Version::HTTP_10 {
+            headers.insert(CONNECTION, HeaderValue::from_static("keep-alive"));
+        }
+    }
+    if !headers.contains_key(DATE) {
+        headers.insert(DATE, date_value());
+    }
+
+    let reason = status.canonical_reason().unwrap_or("");
+    let size = 32
+        + reason.len()
+        + headers
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    out.reserve(size);
+    out.extend_from_slice(match context.version {
+        Version::HTTP_10 => b"HTTP/1.0 ",
+        _ => b"HTTP/1.1 ",
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in headers.iter() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    (framing, keep_alive)
+}
+
+/// A complete answer for a head that never reached the proxy, after which the connection
+/// closes.
+pub fn refusal(status: StatusCode) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    let mut headers = HeaderMap::new();
+    encode_response(
+        &mut out,
+        status,
+        &mut headers,
+        http_body::SizeHint::with_exact(0),
+        true,
+        &ResponseContext {
+            version: Version::HTTP_11,
+            head_request: false,
+            keep_alive: false,
+        },
+    );
+    out
+}
+
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|part| part.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// The `Date` header value, formatted once per second per thread: formatting a date per
+/// response showed up in profiles of every HTTP server that did it.
+fn date_value() -> HeaderValue {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+    thread_local! {
+        static CACHED: RefCell<(u64, Option<HeaderValue>)> = const { RefCell::new((0, None)) };
+    }
+    let now = SystemTime::now();
+    let second = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    CACHED.with(|cached| {
+        let mut cached = cached.borrow_mut();
+        match &cached.1 {
+            Some(value) if cached.0 == second => value.clone(),
+            _ => {
+                let text = httpdate::fmt_http_date(now);
+                let value = HeaderValue::from_maybe_shared(Bytes::from(text))
+                    .unwrap_or_else(|_| HeaderValue::from_static(""));
+                *cached = (second, Some(value.clone()));
+                value
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_text(text: &str) -> Result<Option<Head>, HeadError> {
+        parse(&mut BytesMut::from(text), 8192, 100)
+    }
+
+    #[test]
+    fn a_complete_head_is_split_off_and_the_rest_stays() {
+        let mut buf = BytesMut::from("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nNEXT");
+        let head = parse(&mut buf, 8192, 100).unwrap().unwrap();
+        assert_eq!(&buf[..], b"NEXT");
+        assert_eq!(head.request.uri(), "/a?b=1");
+        assert_eq!(head.request.headers()["x-a"], "1");
+        assert_eq!(head.framing, Framing::None);
+        assert!(head.keep_alive);
+    }
+
+    #[test]
+    fn a_partial_head_asks_for_more_until_the_limit() {
+        assert!(parse_text("GET / HTTP/1.1\r\nHost: x\r\n")
+            .unwrap()
+            .is_none());
+        let mut long = BytesMut::from(format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(200)).as_str());
+        assert_eq!(
+            parse(&mut long, 100, 100).err(),
+            Some(HeadError::TooLarge(100))
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let length = parse_text("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(length.framing, Framing::Length(5));
+        let chunked = parse_text("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(chunked.framing, Framing::Chunked);
+        let both = parse_text(
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+        )
+        .unwrap()
+        .unwrap();
+        assert!(both.ambiguous);
+        assert_eq!(both.framing, Framing::Chunked);
+        for bad in [
+            "POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_text(bad), Err(HeadError::Malformed(_))),
+                "{bad:?} was accepted"
+            );
+        }
+        let same = parse_text("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(same.unwrap().unwrap().framing, Framing::Length(5));
+    }
+
+    #[test]
+    fn keep_alive_and_upgrade_follow_the_version_and_connection_tokens() {
+        let old = parse_text("GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(!old.keep_alive);
+        let old_ka = parse_text("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(old_ka.keep_alive);
+        let close = parse_text("GET / HTTP/1.1\r\nConnection: foo, close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(!close.keep_alive);
+        let upgrade =
+            parse_text("GET / HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .unwrap()
+                .unwrap();
+        assert!(upgrade.upgrade);
+    }
+
+    #[test]
+    fn responses_get_the_framing_the_client_can_read() {
+        let context = |version, keep_alive| ResponseContext {
+            version,
+            head_request: false,
+            keep_alive,
+        };
+        let mut out = Vec::new();
+        let mut headers = HeaderMap::new();
+        let (framing, keep) = encode_response(
+            &mut out,
+            StatusCode::OK,
+            &mut headers,
+            http_body::SizeHint::new(),
+            false,
+            &context(Version::HTTP_11, true),
+        );
+        assert_eq!((framing, keep), (BodyFraming::Chunked, true));
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        assert!(text.contains("date: "), "{text}");
+
+        let mut out = Vec::new();
+        let (framing, keep) = encode_response(
+            &mut out,
+            StatusCode::OK,
+            &mut HeaderMap::new(),
+            http_body::SizeHint::new(),
+            false,
+            &context(Version::HTTP_10, true),
+        );
+        assert_eq!((framing, keep), (BodyFraming::UntilClose, false));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("connection: close\r\n"));
+
+        let mut out = Vec::new();
+        let (framing, _) = encode_response(
+            &mut out,
+            StatusCode::NO_CONTENT,
+            &mut HeaderMap::new(),
+            http_body::SizeHint::with_exact(0),
+            true,
+            &context(Version::HTTP_11, true),
+        );
+        assert_eq!(framing, BodyFraming::Nothing);
+        assert!(!String::from_utf8(out).unwrap().contains("content-length"));
+    }
+}
