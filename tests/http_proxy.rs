@@ -924,7 +924,7 @@ async fn ambiguous_request_pipelined_after_a_valid_one_is_rejected() {
     let backend = Backend::echo().await;
     let gateway = Gateway::start(&forward_all(backend.addr, ""));
     let mut connection = RawConnection::open(gateway.addr("public")).await;
-    // One write: the scanner must skip the first body (which looks like a head with both
+    // One write: the server must skip the first body (which looks like a head with both
     // length headers) and attribute the ambiguity to the second request, not the first.
     let decoy = "Content-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n";
     connection
@@ -975,6 +975,216 @@ async fn bad_chunk_size_is_rejected() {
         "POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
     ])
     .await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The HTTP/1 server: interim answers, pipelining, HTTP/1.0, limits, timeouts, aborts
+// ---------------------------------------------------------------------------------------
+
+/// Reads up to the end of the next head without consuming a body (for interim answers).
+async fn read_head_only(connection: &mut RawConnection) -> String {
+    tokio::time::timeout(PATIENCE, async {
+        loop {
+            if let Some(at) = find(&connection.data, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&connection.data[..at]).into_owned();
+                connection.data.drain(..at + 4);
+                return head;
+            }
+            assert!(connection.fill().await, "closed before a head");
+        }
+    })
+    .await
+    .expect("no head in time")
+}
+
+#[tokio::test]
+async fn expect_100_continue_is_answered_only_when_the_body_is_wanted() {
+    let backend = Backend::echo().await;
+    let gateway = Gateway::start(&config_with_pool(
+        &[backend.addr],
+        "[[routes]]\npool = \"app\"\nmax_request_body = \"10\"\n",
+    ));
+    let mut connection = RawConnection::open(gateway.addr("public")).await;
+    connection
+        .send(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let interim = read_head_only(&mut connection).await;
+    assert!(interim.starts_with("HTTP/1.1 100 Continue"), "{interim:?}");
+    connection.send(b"hello").await;
+    let response = connection.response().await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.json()["body_len"], 5);
+
+    // A body refused for its declared size is never invited: the final answer comes first.
+    let mut refused = RawConnection::open(gateway.addr("public")).await;
+    refused
+        .send(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\nExpect: 100-continue\r\n\r\n")
+        .await;
+    let response = refused.response().await;
+    assert_eq!(response.status, 413, "{response:?}");
+    assert_eq!(backend.count(), 1);
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_on_one_connection() {
+    let backend = Backend::echo().await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let mut connection = RawConnection::open(gateway.addr("public")).await;
+    connection
+        .send(
+            b"GET /one HTTP/1.1\r\nHost: t\r\n\r\n\
+              POST /two HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\nabc\
+              GET /three HTTP/1.1\r\nHost: t\r\n\r\n",
+        )
+        .await;
+    for (path, body_len) in [("/one", 0), ("/two", 3), ("/three", 0)] {
+        let response = connection.response().await;
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.json()["uri"], path);
+        assert_eq!(response.json()["body_len"], body_len);
+    }
+    assert_eq!(backend.count(), 3);
+}
+
+#[tokio::test]
+async fn http_1_0_clients_get_close_unless_they_ask_for_keep_alive() {
+    let backend = Backend::echo().await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let mut plain = RawConnection::open(gateway.addr("public")).await;
+    plain.send(b"GET /old HTTP/1.0\r\nHost: t\r\n\r\n").await;
+    let head = read_head_only(&mut plain).await;
+    assert!(head.starts_with("HTTP/1.0 200 OK\r\n"), "{head:?}");
+    assert!(
+        head.to_ascii_lowercase().contains("\r\nconnection: close"),
+        "{head:?}"
+    );
+    tokio::time::timeout(PATIENCE, async { while plain.fill().await {} })
+        .await
+        .expect("the HTTP/1.0 connection closes after its response");
+
+    let mut kept = RawConnection::open(gateway.addr("public")).await;
+    for path in ["/a", "/b"] {
+        kept.send(
+            format!("GET {path} HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n").as_bytes(),
+        )
+        .await;
+        let response = kept.response().await;
+        assert_eq!(response.status, 200, "{response:?}");
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+        assert_eq!(response.json()["uri"], path);
+    }
+}
+
+/// A backend answering with a body of unknown length, sent in two pieces.
+async fn streaming_backend() -> Backend {
+    Backend::start(Arc::new(|_request| {
+        Box::pin(async {
+            let pieces: Vec<
+                Result<http_body::Frame<Bytes>, Box<dyn std::error::Error + Send + Sync>>,
+            > = vec![
+                Ok(http_body::Frame::data(Bytes::from_static(b"first,"))),
+                Ok(http_body::Frame::data(Bytes::from_static(b"second"))),
+            ];
+            let body = http_body_util::StreamBody::new(futures_util::stream::iter(pieces));
+            Response::new(http_body_util::BodyExt::boxed(body))
+        })
+    }))
+    .await
+}
+
+#[tokio::test]
+async fn a_body_of_unknown_length_is_chunked_for_http_1_1_and_ends_with_the_connection_for_1_0() {
+    let backend = streaming_backend().await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let mut modern = RawConnection::open(gateway.addr("public")).await;
+    modern.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let response = modern.response().await;
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    let text = String::from_utf8_lossy(&response.body).into_owned();
+    assert!(
+        text.contains("first,") && text.contains("second") && text.ends_with("0\r\n\r\n"),
+        "{text:?}"
+    );
+
+    let mut old = RawConnection::open(gateway.addr("public")).await;
+    old.send(b"GET / HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n")
+        .await;
+    let response = old.response().await;
+    assert_eq!(response.header("transfer-encoding"), None);
+    assert_eq!(response.header("connection"), Some("close"));
+    assert_eq!(response.body, b"first,second");
+}
+
+#[tokio::test]
+async fn oversized_heads_get_431_and_bad_versions_505_before_the_backend() {
+    let backend = Backend::echo().await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(70 * 1024)
+    );
+    let response = raw_exchange(gateway.addr("public"), big.as_bytes()).await;
+    assert_eq!(response.status, 431, "{response:?}");
+    let many: String = (0..150).map(|i| format!("X-{i}: v\r\n")).collect();
+    let response = raw_exchange(
+        gateway.addr("public"),
+        format!("GET / HTTP/1.1\r\nHost: t\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(response.status, 431, "{response:?}");
+    let response = raw_exchange(gateway.addr("public"), b"GET / HTTP/3.0\r\nHost: t\r\n\r\n").await;
+    assert_eq!(response.status, 505, "{response:?}");
+    assert_eq!(backend.count(), 0);
+}
+
+#[tokio::test]
+async fn an_idle_keep_alive_connection_closes_at_the_header_timeout() {
+    let backend = Backend::echo().await;
+    let gateway = Gateway::start(
+        &config_with_pool(&[backend.addr], "[[routes]]\npool = \"app\"\n").replace(
+            "bind = \"127.0.0.1:0\"\n",
+            "bind = \"127.0.0.1:0\"\nlimits = { request_header_timeout = \"300ms\" }\n",
+        ),
+    );
+    let mut connection = RawConnection::open(gateway.addr("public")).await;
+    connection.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!(connection.response().await.status, 200);
+    support::expect_closed(connection.stream).await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_upstream_request() {
+    struct Dropped(Arc<tokio::sync::Notify>);
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.notify_one();
+        }
+    }
+    let started = Arc::new(tokio::sync::Notify::new());
+    let cancelled = Arc::new(tokio::sync::Notify::new());
+    let (on_start, on_cancel) = (started.clone(), cancelled.clone());
+    let backend = Backend::start(Arc::new(move |_request| {
+        let (on_start, guard) = (on_start.clone(), Dropped(on_cancel.clone()));
+        Box::pin(async move {
+            let _guard = guard;
+            on_start.notify_one();
+            std::future::pending::<()>().await;
+            Response::new(full("never"))
+        })
+    }))
+    .await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let mut connection = RawConnection::open(gateway.addr("public")).await;
+    connection
+        .send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await;
+    tokio::time::timeout(PATIENCE, started.notified())
+        .await
+        .expect("the request reached the backend");
+    drop(connection);
+    tokio::time::timeout(PATIENCE, cancelled.notified())
+        .await
+        .expect("the backend's request was cancelled when the client left");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -117,7 +117,8 @@ pub fn parse(
 
     let uri = Uri::from_maybe_shared(slice(target))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(fields.len());
+    // Room for the forwarding headers the proxy adds: growing a HeaderMap rehashes it.
+    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
     let mut framing = Framing::None;
     let mut content_length: Option<u64> = None;
     let mut chunked = false;
@@ -296,7 +297,12 @@ pub fn encode_response(
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>();
-    out.reserve(size);
+    // The body too, when it is small and its size known: it is copied in behind the head.
+    let body_room = match framing {
+        BodyFraming::Length(length) if length <= super::COALESCE as u64 => length as usize,
+        _ => 0,
+    };
+    out.reserve(size + body_room);
     out.extend_from_slice(match context.version {
         Version::HTTP_10 => b"HTTP/1.0 ",
         _ => b"HTTP/1.1 ",

@@ -68,7 +68,7 @@ impl Future for OnUpgrade {
 
 /// Responses and body chunks up to this size are copied into one buffer and written with
 /// one system call; larger chunks are written from where they are.
-const COALESCE: usize = 16 * 1024;
+pub(super) const COALESCE: usize = 16 * 1024;
 
 /// Why a connection ended early (logged at debug level).
 #[derive(Debug, thiserror::Error)]
@@ -193,7 +193,7 @@ impl Server {
                     return Poll::Ready(Err(ConnError::HeadTimeout));
                 }
                 let read = if idle {
-                    poll_read_idle(side, cx)
+                    poll_read_append(side, cx)
                 } else {
                     side.poll_fill(cx, 4096)
                 };
@@ -477,15 +477,14 @@ impl Server {
     }
 }
 
-/// Reads an idle connection's next bytes into a stack buffer and keeps only what arrived,
-/// so a connection waiting for its next request holds no read buffer.
-fn poll_read_idle(side: &mut ReadSide, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+/// Reads into a stack buffer and appends only what arrived, so a connection waiting for
+/// its next request holds no read buffer (and one watched mid-request allocates nothing).
+fn poll_read_append(side: &mut ReadSide, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
     let mut stack = [MaybeUninit::<u8>::uninit(); 4096];
     let mut read = ReadBuf::uninit(&mut stack);
     match Pin::new(&mut side.reader).poll_read(cx, &mut read) {
         Poll::Ready(Ok(())) => {
             let filled = read.filled();
-            side.buf = BytesMut::with_capacity(filled.len().max(1024));
             side.buf.extend_from_slice(filled);
             Poll::Ready(Ok(filled.len()))
         }
@@ -504,7 +503,7 @@ async fn watch_for_close(side: Option<&mut ReadSide>, max: usize) -> bool {
         if side.buf.len() >= max {
             return Poll::Pending;
         }
-        match side.poll_fill(cx, 1024) {
+        match poll_read_append(side, cx) {
             Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => return Poll::Ready(true),
             Poll::Ready(Ok(_)) => {}
             Poll::Pending => return Poll::Pending,
