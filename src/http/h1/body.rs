@@ -12,7 +12,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
-use tokio::io::{AsyncRead, ReadBuf, ReadHalf};
+use tokio::io::ReadHalf;
 use tokio::sync::Notify;
 
 use super::head::Framing;
@@ -43,18 +43,7 @@ impl ReadSide {
     /// Reads more into the buffer, reserving `want` bytes; `Ok(0)` is the end of stream.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
         self.buf.reserve(want);
-        let spare = self.buf.spare_capacity_mut();
-        let mut read = ReadBuf::uninit(spare);
-        match Pin::new(&mut self.reader).poll_read(cx, &mut read) {
-            Poll::Ready(Ok(())) => {
-                let filled = read.filled().len();
-                // SAFETY: `poll_read` initialised `filled` bytes of the spare capacity.
-                unsafe { self.buf.set_len(self.buf.len() + filled) };
-                Poll::Ready(Ok(filled))
-            }
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Pending => Poll::Pending,
-        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buf)
     }
 }
 
