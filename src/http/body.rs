@@ -33,7 +33,7 @@ pub enum BodyError {
     #[error("client body error: {0}")]
     ClientH1(#[from] super::h1::body::BodyReadError),
     #[error("upstream body error: {0}")]
-    Upstream(hyper::Error),
+    Upstream(BoxError),
     #[error("response compression failed: {0}")]
     Encode(std::io::Error),
 }
@@ -387,10 +387,12 @@ impl Body for RequestBody {
     }
 }
 
+// Inline for the reason given at `UpstreamBody`.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Empty,
     Full(Option<Bytes>),
-    Upstream(Incoming),
+    Upstream(crate::upstream::UpstreamBody),
     /// Another response body, compressed on the way (`policy::compress`).
     Encoded(Box<crate::policy::compress::Encoder<ResponseBody>>),
 }
@@ -437,7 +439,7 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(body: Incoming, timers: Timers) -> ResponseBody {
+    pub fn upstream(body: crate::upstream::UpstreamBody, timers: Timers) -> ResponseBody {
         ResponseBody {
             source: Source::Upstream(body),
             timers,

@@ -44,8 +44,8 @@ impl ProxyError {
     /// The proxy error behind an upstream failure, if the failure was really the client's
     /// request body (too large, malformed, stalled).
     pub fn from_upstream(err: UpstreamError) -> ProxyError {
-        if let UpstreamError::Request(hyper_err) | UpstreamError::Stale(hyper_err) = &err {
-            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(hyper_err);
+        if let UpstreamError::Request(cause) | UpstreamError::Stale(cause) = &err {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(cause.as_ref());
             while let Some(current) = source {
                 if let Some(body) = current.downcast_ref::<BodyError>() {
                     let body = match body {

@@ -18,9 +18,6 @@ use http::header::{
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
-use hyper::body::Incoming;
-use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
@@ -36,7 +33,8 @@ use crate::telemetry::otlp::{self, PendingTrace, SpanKind};
 use crate::telemetry::trace::{TraceContext, TRACEPARENT};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard, RequestObserver, RouteMetrics};
 use crate::upstream::{
-    Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, UpstreamError,
+    Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, UpstreamBody,
+    UpstreamError,
 };
 
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -744,7 +742,7 @@ impl Proxy {
                                     flag(exchange, "hedged");
                                     let other = second.endpoint;
                                     let mut hedged = std::pin::pin!(attempt.run(other, reserved, body(&mut streamed)));
-                                    let good = |r: &Result<Response<Incoming>, ProxyError>| {
+                                    let good = |r: &Result<Response<UpstreamBody>, ProxyError>| {
                                         r.as_ref().is_ok_and(|r| !r.status().is_server_error())
                                     };
                                     tokio::select! {
@@ -876,7 +874,10 @@ impl Proxy {
         if let (Some(protocol), Some(downstream), StatusCode::SWITCHING_PROTOCOLS) =
             (&upgrade, downstream_upgrade, parts.status)
         {
-            let upstream = parts.extensions.remove::<OnUpgrade>();
+            let upstream = parts
+                .extensions
+                .remove::<crate::upstream::h1::Upgrade>()
+                .and_then(|upgrade| upgrade.take());
             headers::remove_hop_by_hop(&mut parts.headers);
             parts
                 .headers
@@ -1032,7 +1033,7 @@ fn flag(exchange: &mut Exchange, name: &'static str) {
 fn report(
     pool: &Pool,
     endpoint: &Endpoint,
-    result: &Result<Response<Incoming>, ProxyError>,
+    result: &Result<Response<UpstreamBody>, ProxyError>,
     admission: Option<(Admission, &Breaker<'_>)>,
 ) {
     let (outcome, _) = classify(result);
@@ -1087,7 +1088,11 @@ impl Attempt<'_> {
         endpoint: &Endpoint,
         in_flight: InFlight,
         body: RequestBody,
-    ) -> (Result<Response<Incoming>, ProxyError>, InFlight, Instant) {
+    ) -> (
+        Result<Response<UpstreamBody>, ProxyError>,
+        InFlight,
+        Instant,
+    ) {
         endpoint.metrics.attempts.fetch_add(1, Ordering::Relaxed);
         let sent_at = Instant::now();
         // A reused keep-alive connection that the backend closed just as the request went
@@ -1133,7 +1138,7 @@ impl Attempt<'_> {
         endpoint: &Endpoint,
         body: RequestBody,
         fresh: bool,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (request, progress) = upstream_request(
             self.parts,
             self.path_and_query,
@@ -1199,7 +1204,9 @@ fn is_idempotent(method: &http::Method) -> bool {
 
 /// What an attempt's result means for health tracking and which retry condition it meets.
 /// Failures of the client's own request body count for neither.
-fn classify(result: &Result<Response<Incoming>, ProxyError>) -> (Option<Outcome>, Option<RetryOn>) {
+fn classify(
+    result: &Result<Response<UpstreamBody>, ProxyError>,
+) -> (Option<Outcome>, Option<RetryOn>) {
     match result {
         Ok(response) if response.status().is_server_error() => {
             (Some(Outcome::Failure), Some(RetryOn::ServerError))
@@ -1235,12 +1242,12 @@ pub fn backoff(retry: u32, base: Duration, max: Duration, rng: &mut fastrand::Rn
 /// sent), yet a body the upstream stopped reading still times out. The deadline is absolute.
 async fn response_head(
     mut send: std::pin::Pin<
-        &mut impl std::future::Future<Output = Result<Response<Incoming>, UpstreamError>>,
+        &mut impl std::future::Future<Output = Result<Response<UpstreamBody>, UpstreamError>>,
     >,
     progress: &BodyProgress,
     wait: Duration,
     deadline: Option<Instant>,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let started = Instant::now();
     let expiry = |last: Instant| {
         let at = last.max(started) + wait;
@@ -1445,19 +1452,14 @@ fn expand_location(template: &str, scheme: &str, host: &str, uri: &Uri) -> Strin
 }
 
 /// Relays an upgraded connection (WebSocket) byte for byte until either side closes.
-async fn tunnel(downstream: super::h1::OnUpgrade, upstream: OnUpgrade) {
-    let (mut downstream, upstream) = match tokio::join!(downstream, upstream) {
-        (Ok(downstream), Ok(upstream)) => (downstream, upstream),
-        (Err(err), _) => {
+async fn tunnel(downstream: super::h1::OnUpgrade, mut upstream: crate::upstream::h1::Upgraded) {
+    let mut downstream = match downstream.await {
+        Ok(downstream) => downstream,
+        Err(err) => {
             tracing::debug!(error = %err, "the client connection was not handed over");
             return;
         }
-        (_, Err(err)) => {
-            tracing::debug!(error = %err, "upstream upgrade failed");
-            return;
-        }
     };
-    let mut upstream = TokioIo::new(upstream);
     if let Err(err) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(error = %err, "upgraded tunnel closed with an error");
     }

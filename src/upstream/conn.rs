@@ -15,7 +15,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use parking_lot::Mutex;
@@ -23,7 +22,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use super::UpstreamError;
+use super::h1;
+use super::{UpstreamBody, UpstreamError};
 use crate::config::{HealthCheckConfig, HealthCheckKind, ProxyProtocolVersion, UpstreamProtocol};
 use crate::http::body::RequestBody;
 use crate::listener::proxy_protocol;
@@ -79,21 +79,19 @@ impl From<UpstreamError> for SendFailure {
 /// What `wait_for_connection` found: a connection ready for the request, or a permit to
 /// open a new one.
 enum Freed {
-    Ready((http1::SendRequest<RequestBody>, Instant, u32)),
+    Ready((h1::Conn, Instant, u32)),
     Permit(tokio::sync::OwnedSemaphorePermit),
 }
 
-/// An HTTP/1.1 connection that is not carrying a request for us: idle, or still finishing
-/// the response it last carried (its body streaming to a client). hyper flips it to ready
-/// by itself when the exchange completes cleanly; one that errors, is upgraded, or whose
-/// response body is abandoned closes instead and is never handed out again.
+/// An idle HTTP/1.1 connection. Only connections whose exchange ended cleanly are parked
+/// (by the response body, `h1::Body`); one that errors, is upgraded, or whose response
+/// body is abandoned closes instead.
 struct Parked {
-    sender: http1::SendRequest<RequestBody>,
+    conn: h1::Conn,
     /// Set when the connection began with a PROXY header: only this client may use it.
     client: Option<SocketAddr>,
-    /// When the connection last delivered a response head. Idle time is counted from here,
-    /// which errs towards closing a connection slightly early, never late.
-    since: Instant,
+    /// When `idle_timeout` runs out for it.
+    expires: Instant,
     /// The address generation it was dialled in; older ones are not reused (DNS changed).
     generation: u64,
     /// When the connection was dialled, for `max_lifetime`.
@@ -102,13 +100,32 @@ struct Parked {
     served: u32,
 }
 
-/// The HTTP/1.1 connections of one endpoint. A plain list checked under a short lock
-/// instead of a task per response that waits for readiness: the check is a few atomic
-/// loads per connection, a spawned task per request costs far more.
+/// The idle HTTP/1.1 connections of one endpoint, most recently parked last.
 #[derive(Default)]
 struct Http1Pool {
     parked: Vec<Parked>,
+    /// A sweeper task is running (see `sweep_idle`).
+    sweeping: bool,
 }
+
+/// Wakes the endpoint's sweeper when the reactor sees activity on a parked connection:
+/// a backend that closes an idle connection gets it closed here at once, as nginx and
+/// HAProxy do, without a task per idle connection.
+#[derive(Default)]
+struct SweepSignal(tokio::sync::Notify);
+
+impl std::task::Wake for SweepSignal {
+    fn wake(self: Arc<Self>) {
+        self.0.notify_one();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.notify_one();
+    }
+}
+
+/// How often parked connections are checked for their idle timeout.
+const SWEEP_PERIOD: Duration = Duration::from_secs(1);
 
 /// The multiplexed HTTP/2 connections of one endpoint: one shared by every client, or with
 /// a PROXY header one per client (at most `max_idle`, the oldest replaced first).
@@ -145,15 +162,22 @@ pub struct Connections {
     generation: AtomicU64,
     /// The DNS refresh task and its interval.
     pub(super) refresher: Mutex<Option<(Duration, tokio::task::AbortHandle)>>,
-    /// With `max_connections`: one permit per open HTTP/1.1 connection, held by the task
-    /// driving it. A changed limit starts a new semaphore (connections of the old one
+    /// With `max_connections`: one permit per open HTTP/1.1 connection, held by the
+    /// connection. A changed limit starts a new semaphore (connections of the old one
     /// keep their permits until they close).
     slots: Mutex<Option<(usize, Arc<tokio::sync::Semaphore>)>>,
+    /// Signalled when an HTTP/1.1 connection is parked (a request waiting for a
+    /// connection under `max_connections` takes it).
+    parked_one: tokio::sync::Notify,
+    sweep: Arc<SweepSignal>,
+    /// `sweep` as a waker, registered on every parked connection.
+    sweep_waker: std::task::Waker,
 }
 
 impl Connections {
     pub fn new(address: Arc<str>, protocol: UpstreamProtocol, transport: Transport) -> Connections {
         let literal = address.parse().ok();
+        let sweep = Arc::new(SweepSignal::default());
         let conns = match protocol {
             UpstreamProtocol::Http1 => Conns::Http1(Mutex::new(Http1Pool::default())),
             UpstreamProtocol::H2c | UpstreamProtocol::H2 => Conns::H2 {
@@ -171,6 +195,9 @@ impl Connections {
             refresher: Mutex::new(None),
             metrics: None,
             slots: Mutex::new(None),
+            parked_one: tokio::sync::Notify::new(),
+            sweep_waker: std::task::Waker::from(sweep.clone()),
+            sweep,
         }
     }
 
@@ -181,16 +208,16 @@ impl Connections {
     }
 
     /// Closes every idle connection (at shutdown, after the drain): parked HTTP/1.1
-    /// connections that are ready are dropped, which closes them; connections still
-    /// finishing a response stay until it ends. Shared HTTP/2 connections are dropped too;
-    /// hyper closes them once their open streams finish.
+    /// connections are dropped, which closes them; connections still carrying a response
+    /// close with it. Shared HTTP/2 connections are dropped too; hyper closes them once
+    /// their open streams finish.
     pub fn close_idle(&self) -> usize {
         match &self.conns {
             Conns::Http1(pool) => {
                 let mut pool = pool.lock();
-                let before = pool.parked.len();
-                pool.parked.retain(|conn| !conn.sender.is_ready());
-                before - pool.parked.len()
+                let closed = pool.parked.len();
+                pool.parked.clear();
+                closed
             }
             Conns::H2 { shared, .. } => {
                 let mut shared = shared.lock();
@@ -242,7 +269,7 @@ impl Connections {
         request: Request<RequestBody>,
         settings: &ConnSettings,
         addrs: ClientAddrs,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
         self.send_returning(request, settings, addrs, false)
             .await
             .map_err(|failure| failure.error)
@@ -256,7 +283,7 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
         fresh: bool,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    ) -> Result<Response<UpstreamBody>, SendFailure> {
         // Connections that began with a PROXY header carry one client's address.
         let owner = self.transport.proxy_protocol.map(|_| addrs.client);
         match &self.conns {
@@ -295,11 +322,11 @@ impl Connections {
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
         fresh: bool,
-    ) -> Result<Response<Incoming>, SendFailure> {
-        // A pooled connection may have been closed by the backend a moment ago; hyper hands
-        // the request back when it was not written, and it goes out on a fresh connection.
-        // Once written, the error says the reused connection failed (`Stale`), so the
-        // caller can send a safe request again on a fresh one.
+    ) -> Result<Response<UpstreamBody>, SendFailure> {
+        // A pooled connection may have been closed by the backend a moment ago: when the
+        // request head could not be written it goes out on another connection. Once
+        // written, the error says the reused connection failed (`Stale`), so the caller
+        // can send a safe request again on a fresh one.
         let mut reusable = if fresh {
             None
         } else {
@@ -307,16 +334,19 @@ impl Connections {
         };
         let slots = self.slots(settings.max_connections);
         let permit = loop {
-            if let Some((mut sender, born, served)) = reusable.take() {
-                match sender.try_send_request(request).await {
-                    Ok(response) => {
-                        self.recycle(sender, settings, owner, born, served + 1);
-                        return Ok(response);
+            if let Some((conn, born, served)) = reusable.take() {
+                let park = self.park_for(settings, owner, born, served + 1);
+                match h1::send(conn, request, park).await {
+                    Ok(response) => return Ok(response.map(UpstreamBody::H1)),
+                    Err(h1::Failure::Unsent(returned, _)) => request = *returned,
+                    Err(h1::Failure::Failed { error, answered }) => {
+                        let error = Box::new(error);
+                        return Err(match answered {
+                            false => UpstreamError::Stale(error),
+                            true => UpstreamError::Request(error),
+                        }
+                        .into());
                     }
-                    Err(mut err) => match err.take_message() {
-                        Some(returned) => request = returned,
-                        None => return Err(UpstreamError::Stale(err.into_error()).into()),
-                    },
                 }
                 reusable = self.checkout_idle(pool, settings, owner);
                 continue;
@@ -327,9 +357,9 @@ impl Connections {
             if let Ok(permit) = slots.clone().try_acquire_owned() {
                 break Some(permit);
             }
-            // Every allowed connection is open: wait for one to finish its exchange, or
-            // to close. Requests in flight are capped at the same number (`Pool::reserve`),
-            // so one of them is about to become free.
+            // Every allowed connection is open: wait for one to be parked, or to close.
+            // Requests in flight are capped at the same number (`Pool::reserve`), so one of
+            // them is about to become free.
             // Boxed, like the dial below: rare paths whose state would otherwise widen
             // every request's future (which is moved, whole, whenever it starts).
             match Box::pin(self.wait_for_connection(pool, slots, settings, owner)).await {
@@ -344,7 +374,7 @@ impl Connections {
             }
         };
         let io = match Box::pin(self.dial(settings, addrs)).await {
-            Ok(io) => io,
+            Ok(io) => io.into_inner(),
             Err(error) => {
                 return Err(SendFailure {
                     error,
@@ -352,30 +382,37 @@ impl Connections {
                 })
             }
         };
-        let (mut sender, connection) = match Box::pin(http1::Builder::new().handshake(io)).await {
-            Ok(handshake) => handshake,
-            Err(source) => {
-                return Err(SendFailure {
-                    error: UpstreamError::Handshake {
-                        address: self.address.clone(),
-                        source,
-                    },
-                    unsent: Some(request),
-                })
+        let park = self.park_for(settings, owner, Instant::now(), 1);
+        match h1::send(h1::Conn::new(io, permit), request, park).await {
+            Ok(response) => Ok(response.map(UpstreamBody::H1)),
+            Err(h1::Failure::Unsent(returned, error)) => Err(SendFailure {
+                error: UpstreamError::Request(Box::new(error)),
+                unsent: Some(*returned),
+            }),
+            Err(h1::Failure::Failed { error, .. }) => {
+                Err(UpstreamError::Request(Box::new(error)).into())
             }
-        };
-        drive(connection.with_upgrades(), "HTTP/1", permit);
-        let born = Instant::now();
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(UpstreamError::Request)?;
-        self.recycle(sender, settings, owner, born, 1);
-        Ok(response)
+        }
     }
 
-    /// Waits, within the connect timeout, until a parked connection finishes its exchange
-    /// (ready for this request) or a connection closes (its permit is free for a new one).
+    fn park_for(
+        self: &Arc<Self>,
+        settings: &ConnSettings,
+        owner: Option<SocketAddr>,
+        born: Instant,
+        served: u32,
+    ) -> h1::Park {
+        h1::Park {
+            connections: self.clone(),
+            settings: settings.clone(),
+            owner,
+            born,
+            served,
+        }
+    }
+
+    /// Waits, within the connect timeout, until a connection is parked (ready for this
+    /// request) or one closes (its permit is free for a new one).
     async fn wait_for_connection(
         &self,
         pool: &Mutex<Http1Pool>,
@@ -385,27 +422,15 @@ impl Connections {
     ) -> Result<Freed, UpstreamError> {
         let wait = async {
             loop {
-                let busy = {
-                    let mut pool = pool.lock();
-                    let found = pool.parked.iter().rposition(|conn| {
-                        conn.client == owner
-                            && !conn.sender.is_closed()
-                            && conn.generation == self.generation.load(Ordering::Acquire)
-                    });
-                    found.map(|index| pool.parked.swap_remove(index))
-                };
-                let Some(mut busy) = busy else {
-                    return slots.clone().acquire_owned().await.map(Freed::Permit).ok();
-                };
+                let parked = self.parked_one.notified();
+                let mut parked = std::pin::pin!(parked);
+                parked.as_mut().enable();
+                if let Some(conn) = self.checkout_idle(pool, settings, owner) {
+                    return Some(Freed::Ready(conn));
+                }
                 tokio::select! {
-                    ready = busy.sender.ready() => {
-                        if ready.is_ok() {
-                            return Some(Freed::Ready((busy.sender, busy.born, busy.served)));
-                        }
-                        // It closed: its permit comes free; look again.
-                    }
+                    () = parked => {}
                     permit = slots.clone().acquire_owned() => {
-                        pool.lock().parked.push(busy);
                         return permit.map(Freed::Permit).ok();
                     }
                 }
@@ -419,76 +444,71 @@ impl Connections {
         }
     }
 
-    /// The most recently parked connection that is ready for a request and not past its
-    /// idle timeout. Closed and expired connections met on the way are dropped.
+    /// The most recently parked connection that is still open and not past its idle
+    /// timeout or lifetime. Closed and expired connections met on the way are dropped.
     fn checkout_idle(
         &self,
         pool: &Mutex<Http1Pool>,
         settings: &ConnSettings,
         owner: Option<SocketAddr>,
-    ) -> Option<(http1::SendRequest<RequestBody>, Instant, u32)> {
+    ) -> Option<(h1::Conn, Instant, u32)> {
+        let generation = self.generation.load(Ordering::Acquire);
         let mut pool = pool.lock();
         let mut index = pool.parked.len();
         while index > 0 {
             index -= 1;
-            let conn = &pool.parked[index];
-            if conn.sender.is_closed() || conn.generation != self.generation.load(Ordering::Acquire)
+            let parked = &mut pool.parked[index];
+            let expired = Instant::now() >= parked.expires
+                || settings
+                    .max_lifetime
+                    .is_some_and(|lifetime| parked.born.elapsed() >= lifetime);
+            if parked.generation != generation
+                || expired
+                || parked.conn.is_closed(&self.sweep_waker)
             {
                 pool.parked.swap_remove(index);
-            } else if conn.client == owner && conn.sender.is_ready() {
-                let conn = pool.parked.swap_remove(index);
-                let too_old = settings
-                    .max_lifetime
-                    .is_some_and(|lifetime| conn.born.elapsed() >= lifetime);
-                if conn.since.elapsed() < settings.idle_timeout && !too_old {
-                    return Some((conn.sender, conn.born, conn.served));
-                }
+            } else if parked.client == owner {
+                let parked = pool.parked.swap_remove(index);
+                return Some((parked.conn, parked.born, parked.served));
             }
         }
         None
     }
 
-    /// Parks a connection that has just delivered a response head, for reuse once its
-    /// exchange completes, unless `max_idle` connections are already waiting idle.
-    fn recycle(
-        &self,
-        sender: http1::SendRequest<RequestBody>,
-        settings: &ConnSettings,
-        owner: Option<SocketAddr>,
-        born: Instant,
-        served: u32,
-    ) {
+    /// Parks a connection whose exchange ended cleanly, for reuse, unless it carried its
+    /// last request or `max_idle` connections are already waiting.
+    pub(super) fn park(self: &Arc<Self>, mut conn: h1::Conn, park: &h1::Park) {
         let Conns::Http1(pool) = &self.conns else {
             return;
         };
-        // A connection that has carried its last request is not parked: dropping the
-        // sender lets hyper close it once this exchange completes.
-        if settings.max_requests.is_some_and(|max| served >= max) {
+        let settings = &park.settings;
+        if settings.max_requests.is_some_and(|max| park.served >= max)
+            || conn.is_closed(&self.sweep_waker)
+        {
             return;
         }
-        let mut pool = pool.lock();
-        // Parked connections include ones still finishing their exchange, so fewer than
-        // `max_idle` parked means fewer idle: only at that size is the list pruned and the
-        // idle ones counted (a scan per request made many concurrent streams quadratic).
-        let room = pool.parked.len() < settings.max_idle || {
-            pool.parked.retain(|conn| !conn.sender.is_closed());
-            let idle = pool
-                .parked
-                .iter()
-                .filter(|conn| conn.sender.is_ready())
-                .count();
-            idle < settings.max_idle
-        };
-        if room {
+        {
+            let mut pool = pool.lock();
+            if pool.parked.len() >= settings.max_idle {
+                // The oldest goes: the most recently used are the likeliest to stay open.
+                if settings.max_idle == 0 {
+                    return;
+                }
+                pool.parked.remove(0);
+            }
+            if !std::mem::replace(&mut pool.sweeping, true) {
+                tokio::spawn(sweep_idle(Arc::downgrade(self), self.sweep.clone()));
+            }
             pool.parked.push(Parked {
-                sender,
-                client: owner,
-                since: Instant::now(),
+                conn,
+                client: park.owner,
+                expires: Instant::now() + settings.idle_timeout,
                 generation: self.generation.load(Ordering::Acquire),
-                born,
-                served,
+                born: park.born,
+                served: park.served,
             });
         }
+        self.parked_one.notify_one();
     }
 
     async fn send_h2(
@@ -499,7 +519,7 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
-    ) -> Result<Response<Incoming>, SendFailure> {
+    ) -> Result<Response<UpstreamBody>, SendFailure> {
         let mut sender = match self.live_h2(shared, owner, settings) {
             Some(sender) => sender,
             None => {
@@ -531,11 +551,13 @@ impl Connections {
                 }
             }
         };
-        sender.ready().await.map_err(UpstreamError::Request)?;
+        let boxed = |err: hyper::Error| UpstreamError::Request(Box::new(err));
+        sender.ready().await.map_err(boxed)?;
         Ok(sender
             .send_request(request)
             .await
-            .map_err(UpstreamError::Request)?)
+            .map_err(boxed)?
+            .map(UpstreamBody::H2))
     }
 
     fn live_h2(
@@ -695,12 +717,7 @@ impl Connections {
     /// Idle HTTP/1 connections currently pooled (for tests and status).
     pub fn idle_count(&self) -> usize {
         match &self.conns {
-            Conns::Http1(pool) => pool
-                .lock()
-                .parked
-                .iter()
-                .filter(|conn| conn.sender.is_ready())
-                .count(),
+            Conns::Http1(pool) => pool.lock().parked.len(),
             Conns::H2 { shared, .. } => shared.lock().len(),
         }
     }
@@ -710,6 +727,33 @@ impl Drop for Connections {
     fn drop(&mut self) {
         if let Some((_, task)) = self.refresher.get_mut().take() {
             task.abort();
+        }
+    }
+}
+
+/// Closes parked HTTP/1.1 connections the backend closed (woken through `SweepSignal`)
+/// and those past their idle timeout (checked every `SWEEP_PERIOD`); ends when the
+/// endpoint has no parked connection left or is gone.
+async fn sweep_idle(connections: std::sync::Weak<Connections>, signal: Arc<SweepSignal>) {
+    loop {
+        tokio::select! {
+            () = signal.0.notified() => {}
+            () = tokio::time::sleep(SWEEP_PERIOD) => {}
+        }
+        let Some(connections) = connections.upgrade() else {
+            return;
+        };
+        let Conns::Http1(pool) = &connections.conns else {
+            return;
+        };
+        let now = Instant::now();
+        let mut pool = pool.lock();
+        pool.parked.retain_mut(|parked| {
+            now < parked.expires && !parked.conn.is_closed(&connections.sweep_waker)
+        });
+        if pool.parked.is_empty() {
+            pool.sweeping = false;
+            return;
         }
     }
 }

@@ -9,6 +9,7 @@
 mod balancer;
 mod conn;
 mod dns;
+pub mod h1;
 mod health;
 pub mod state;
 
@@ -51,17 +52,62 @@ pub enum UpstreamError {
     #[error("TLS to {address} failed: {message}")]
     Tls { address: Arc<str>, message: String },
     #[error("upstream request failed: {0}")]
-    Request(#[source] hyper::Error),
+    Request(#[source] BoxError),
     /// A reused keep-alive connection failed before any response byte: the backend closed
     /// it as the request arrived. Safe requests go out again on a fresh connection.
     #[error("reused upstream connection closed before a response: {0}")]
-    Stale(#[source] hyper::Error),
+    Stale(#[source] BoxError),
     #[error("no response header within {0:?}")]
     ResponseTimeout(std::time::Duration),
     #[error("pool {0} has no endpoint")]
     NoEndpoint(Arc<str>),
     #[error("every endpoint of pool {pool} is at its connection limit: {reason}")]
     AtLimit { pool: Arc<str>, reason: LimitError },
+}
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body from a backend: HTTP/1.1 from the gateway's own client (`h1`), HTTP/2
+/// from hyper's.
+// The HTTP/1 body is the common case and lives inline: boxing it would cost an
+// allocation per request to save bytes in a value that is moved a few times.
+#[allow(clippy::large_enum_variant)]
+pub enum UpstreamBody {
+    H1(h1::Body),
+    H2(hyper::body::Incoming),
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, BoxError>>> {
+        match self.get_mut() {
+            UpstreamBody::H1(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+            UpstreamBody::H2(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|frame| frame.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::H1(body) => body.is_end_stream(),
+            UpstreamBody::H2(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            UpstreamBody::H1(body) => body.size_hint(),
+            UpstreamBody::H2(body) => body.size_hint(),
+        }
+    }
 }
 
 pub struct Endpoint {

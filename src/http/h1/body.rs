@@ -12,6 +12,7 @@ use std::task::{Context, Poll};
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
+use sync_wrapper::SyncWrapper;
 use tokio::io::ReadHalf;
 use tokio::sync::Notify;
 
@@ -35,7 +36,9 @@ pub enum BodyReadError {
 
 /// The connection's read side: the socket's read half and bytes read but not yet used.
 pub struct ReadSide {
-    pub reader: ReadHalf<BoxedIo>,
+    /// Wrapped so bodies holding it are `Sync` (response futures hold bodies across awaits
+    /// by reference); it is only ever used through `&mut`.
+    pub reader: SyncWrapper<ReadHalf<BoxedIo>>,
     pub buf: BytesMut,
 }
 
@@ -43,7 +46,7 @@ impl ReadSide {
     /// Reads more into the buffer, reserving `want` bytes; `Ok(0)` is the end of stream.
     pub fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
         self.buf.reserve(want);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.reader), cx, &mut self.buf)
+        tokio_util::io::poll_read_buf(Pin::new(self.reader.get_mut()), cx, &mut self.buf)
     }
 }
 
@@ -71,14 +74,115 @@ impl Shared {
     }
 }
 
+/// Where a message body decoder is; shared by the server's request bodies and the
+/// upstream client's response bodies.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Decoder {
+pub enum Decoder {
     Length(u64),
     ChunkSize,
     ChunkData(u64),
     ChunkDataEnd,
     Trailers,
+    /// Everything until the connection closes (responses only).
+    UntilClose,
     Done,
+}
+
+impl Decoder {
+    pub fn new(framing: Framing) -> Decoder {
+        match framing {
+            Framing::None | Framing::Length(0) => Decoder::Done,
+            Framing::Length(length) => Decoder::Length(length),
+            Framing::Chunked => Decoder::ChunkSize,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        *self == Decoder::Done
+    }
+
+    pub fn size_hint(&self) -> SizeHint {
+        match *self {
+            Decoder::Done => SizeHint::with_exact(0),
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            _ => SizeHint::default(),
+        }
+    }
+
+    /// Decodes the next frame from `buf`; `Ok(None)` when more must be read (or, once
+    /// `is_done`, at the end). Data frames share `buf`'s memory.
+    pub fn decode(
+        &mut self,
+        buf: &mut BytesMut,
+        max_trailers: usize,
+    ) -> Result<Option<Frame<Bytes>>, BodyReadError> {
+        loop {
+            match *self {
+                Decoder::Done => return Ok(None),
+                Decoder::UntilClose => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    return Ok(Some(Frame::data(buf.split().freeze())));
+                }
+                Decoder::Length(left) | Decoder::ChunkData(left) => {
+                    if buf.is_empty() {
+                        return Ok(None);
+                    }
+                    let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let data = buf.split_to(take).freeze();
+                    let left = left - take as u64;
+                    *self = match *self {
+                        Decoder::Length(_) if left == 0 => Decoder::Done,
+                        Decoder::Length(_) => Decoder::Length(left),
+                        _ if left == 0 => Decoder::ChunkDataEnd,
+                        _ => Decoder::ChunkData(left),
+                    };
+                    return Ok(Some(Frame::data(data)));
+                }
+                Decoder::ChunkSize => {
+                    let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
+                        return Ok(None);
+                    };
+                    let size = chunk_size(&buf[..end])?;
+                    buf.advance(end + 2);
+                    *self = if size == 0 {
+                        Decoder::Trailers
+                    } else {
+                        Decoder::ChunkData(size)
+                    };
+                }
+                Decoder::ChunkDataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(None);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BodyReadError::Chunked("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    *self = Decoder::ChunkSize;
+                }
+                Decoder::Trailers => {
+                    if buf.len() >= 2 && &buf[..2] == b"\r\n" {
+                        buf.advance(2);
+                        *self = Decoder::Done;
+                        continue;
+                    }
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        if buf.len() > max_trailers {
+                            return Err(BodyReadError::Chunked("trailer section too large"));
+                        }
+                        return Ok(None);
+                    };
+                    let section = buf.split_to(end + 4);
+                    *self = Decoder::Done;
+                    if let Some(trailers) = parse_trailers(&section)? {
+                        return Ok(Some(Frame::trailers(trailers)));
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// A request body being read from an HTTP/1 connection.
@@ -98,19 +202,14 @@ impl Body {
         expect_continue: bool,
         max_trailers: usize,
     ) -> Body {
-        let decoder = match framing {
-            Framing::None | Framing::Length(0) => Decoder::Done,
-            Framing::Length(length) => Decoder::Length(length),
-            Framing::Chunked => Decoder::ChunkSize,
-        };
         let mut body = Body {
             side: Some(side),
-            decoder,
+            decoder: Decoder::new(framing),
             shared,
             expect_continue,
             max_trailers,
         };
-        if decoder == Decoder::Done {
+        if body.decoder.is_done() {
             body.finish();
         }
         body
@@ -118,75 +217,14 @@ impl Body {
 
     fn finish(&mut self) {
         if let Some(side) = self.side.take() {
-            self.shared.give_back(side, self.decoder == Decoder::Done);
+            self.shared.give_back(side, self.decoder.is_done());
         }
     }
 
-    /// Decodes the next frame from the buffered bytes; `Ok(None)` when more must be read.
     fn decode(&mut self) -> Result<Option<Frame<Bytes>>, BodyReadError> {
-        let Some(side) = self.side.as_mut() else {
-            return Ok(None);
-        };
-        let buf = &mut side.buf;
-        loop {
-            match self.decoder {
-                Decoder::Done => return Ok(None),
-                Decoder::Length(left) | Decoder::ChunkData(left) => {
-                    if buf.is_empty() {
-                        return Ok(None);
-                    }
-                    let take = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                    let data = buf.split_to(take).freeze();
-                    let left = left - take as u64;
-                    self.decoder = match self.decoder {
-                        Decoder::Length(_) if left == 0 => Decoder::Done,
-                        Decoder::Length(_) => Decoder::Length(left),
-                        _ if left == 0 => Decoder::ChunkDataEnd,
-                        _ => Decoder::ChunkData(left),
-                    };
-                    return Ok(Some(Frame::data(data)));
-                }
-                Decoder::ChunkSize => {
-                    let Some(end) = find_crlf(buf, MAX_CHUNK_LINE)? else {
-                        return Ok(None);
-                    };
-                    let size = chunk_size(&buf[..end])?;
-                    buf.advance(end + 2);
-                    self.decoder = if size == 0 {
-                        Decoder::Trailers
-                    } else {
-                        Decoder::ChunkData(size)
-                    };
-                }
-                Decoder::ChunkDataEnd => {
-                    if buf.len() < 2 {
-                        return Ok(None);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(BodyReadError::Chunked("chunk data not followed by CRLF"));
-                    }
-                    buf.advance(2);
-                    self.decoder = Decoder::ChunkSize;
-                }
-                Decoder::Trailers => {
-                    if buf.len() >= 2 && &buf[..2] == b"\r\n" {
-                        buf.advance(2);
-                        self.decoder = Decoder::Done;
-                        continue;
-                    }
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        if buf.len() > self.max_trailers {
-                            return Err(BodyReadError::Chunked("trailer section too large"));
-                        }
-                        return Ok(None);
-                    };
-                    let section = buf.split_to(end + 4);
-                    self.decoder = Decoder::Done;
-                    if let Some(trailers) = parse_trailers(&section)? {
-                        return Ok(Some(Frame::trailers(trailers)));
-                    }
-                }
-            }
+        match self.side.as_mut() {
+            Some(side) => self.decoder.decode(&mut side.buf, self.max_trailers),
+            None => Ok(None),
         }
     }
 }
@@ -212,12 +250,12 @@ impl http_body::Body for Body {
         loop {
             match this.decode() {
                 Ok(Some(frame)) => {
-                    if this.decoder == Decoder::Done {
+                    if this.decoder.is_done() {
                         this.finish();
                     }
                     return Poll::Ready(Some(Ok(frame)));
                 }
-                Ok(None) if this.decoder == Decoder::Done => {
+                Ok(None) if this.decoder.is_done() => {
                     this.finish();
                     return Poll::Ready(None);
                 }
@@ -246,15 +284,11 @@ impl http_body::Body for Body {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.decoder == Decoder::Done
+        self.decoder.is_done()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match self.decoder {
-            Decoder::Done => SizeHint::with_exact(0),
-            Decoder::Length(left) => SizeHint::with_exact(left),
-            _ => SizeHint::default(),
-        }
+        self.decoder.size_hint()
     }
 }
 

@@ -124,7 +124,10 @@ impl Server {
         let (reader, writer) = tokio::io::split(io);
         Server {
             proxy,
-            side: Some(ReadSide { reader, buf: first }),
+            side: Some(ReadSide {
+                reader: sync_wrapper::SyncWrapper::new(reader),
+                buf: first,
+            }),
             writer,
             shared: Arc::new(Shared::default()),
             max_head,
@@ -371,7 +374,7 @@ impl Server {
         self.writer.flush().await?;
         let placeholder = tokio::io::split(Box::new(tokio::io::empty()) as BoxedIo).1;
         let writer = std::mem::replace(&mut self.writer, placeholder);
-        let io = side.reader.unsplit(writer);
+        let io = side.reader.into_inner().unsplit(writer);
         let _ = sender.send(Prefixed::new(side.buf, io));
         Ok(false)
     }
@@ -482,7 +485,7 @@ impl Server {
 fn poll_read_append(side: &mut ReadSide, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
     let mut stack = [MaybeUninit::<u8>::uninit(); 4096];
     let mut read = ReadBuf::uninit(&mut stack);
-    match Pin::new(&mut side.reader).poll_read(cx, &mut read) {
+    match Pin::new(side.reader.get_mut()).poll_read(cx, &mut read) {
         Poll::Ready(Ok(())) => {
             let filled = read.filled();
             side.buf.extend_from_slice(filled);
