@@ -1188,6 +1188,130 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
 }
 
 // ---------------------------------------------------------------------------------------
+// The upstream HTTP/1.1 client: interim answers, framing, reuse
+// ---------------------------------------------------------------------------------------
+
+/// A raw keep-alive backend: answers each bodiless request head on a connection with
+/// `reply(path)` and closes after answers that say `Connection: close`. Counts accepts.
+async fn keep_alive_backend(reply: fn(&str) -> String) -> RawBackend {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = find(&seen, b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                        seen.drain(..end + 4);
+                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                        let answer = reply(&path);
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if answer.to_ascii_lowercase().contains("connection: close") {
+                            let _ = stream.shutdown().await;
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    RawBackend {
+        addr,
+        accepted,
+        task,
+    }
+}
+
+#[tokio::test]
+async fn interim_backend_responses_are_skipped() {
+    let backend = RawBackend::start(Some(
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n\
+          HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    ))
+    .await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let response = http1_client()
+        .get(gateway.url("public", "/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn a_backend_body_delimited_by_close_reaches_the_client_whole() {
+    let backend =
+        RawBackend::start(Some(b"HTTP/1.0 200 OK\r\nX-Old: yes\r\n\r\nuntil the end")).await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let response = raw_exchange(gateway.addr("public"), b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.header("x-old"), Some("yes"));
+    assert_eq!(response.header("transfer-encoding"), Some("chunked"));
+    assert!(
+        String::from_utf8_lossy(&response.body).contains("until the end"),
+        "{response:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_backend_body_shorter_than_its_length_is_cut_off_not_completed() {
+    let backend =
+        RawBackend::start(Some(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")).await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let mut connection = RawConnection::open(gateway.addr("public")).await;
+    connection.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+    let head = read_head_only(&mut connection).await;
+    assert!(
+        head.to_ascii_lowercase().contains("content-length: 10"),
+        "{head:?}"
+    );
+    tokio::time::timeout(PATIENCE, async { while connection.fill().await {} })
+        .await
+        .expect("the client connection closes when the backend's body falls short");
+    assert_eq!(connection.data, b"abc");
+}
+
+#[tokio::test]
+async fn upstream_connections_are_reused_only_after_a_clean_exchange() {
+    let backend = keep_alive_backend(|path| match path {
+        "/close" => "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nclose".into(),
+        "/both" => "HTTP/1.1 200 OK\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n\
+                    4\r\nboth\r\n0\r\n\r\n"
+            .into(),
+        _ => "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".into(),
+    })
+    .await;
+    let gateway = Gateway::start(&forward_all(backend.addr, ""));
+    let client = http1_client();
+    let mut bodies = Vec::new();
+    for path in ["/a", "/a", "/a", "/close", "/a", "/both", "/a"] {
+        let response = client
+            .get(gateway.url("public", path))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        bodies.push(response.text().await.unwrap());
+    }
+    assert_eq!(bodies, ["ok", "ok", "ok", "close", "ok", "both", "ok"]);
+    // One connection for the first four; a new one after `Connection: close`; another after
+    // the response that carried both framing headers.
+    assert_eq!(backend.accepted(), 3);
+}
+
+// ---------------------------------------------------------------------------------------
 // HTTP-8 direct responses and redirects
 // ---------------------------------------------------------------------------------------
 

@@ -407,7 +407,11 @@ impl Server {
                         continue;
                     }
                     Some(None) => break,
-                    Some(Some(Err(err))) => return Err(ConnError::ResponseBody(err)),
+                    Some(Some(Err(err))) => {
+                        // What arrived goes out; the close tells the client the rest won't.
+                        let _ = self.writer.write_all(&out).await;
+                        return Err(ConnError::ResponseBody(err));
+                    }
                     Some(Some(Ok(frame))) => frame,
                 };
                 let data = match frame.into_data() {
@@ -425,7 +429,8 @@ impl Server {
                 written += data.len() as u64;
                 match framing {
                     BodyFraming::Length(length) if written > length => {
-                        return Err(ConnError::LengthMismatch)
+                        let _ = self.writer.write_all(&out).await;
+                        return Err(ConnError::LengthMismatch);
                     }
                     BodyFraming::Chunked => {
                         out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
