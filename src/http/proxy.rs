@@ -85,7 +85,8 @@ struct Exchange {
     /// The request's trace context when `tracing.enabled`.
     trace: Option<TraceContext>,
     /// Its spans, when the trace is sampled and spans are exported.
-    spans: Option<PendingTrace>,
+    /// Boxed: only sampled requests have one, and it is large inline in every future.
+    spans: Option<Box<PendingTrace>>,
     /// The pool the request was forwarded to (a split decides per request).
     pool: Option<Arc<str>>,
 }
@@ -122,7 +123,7 @@ impl Proxy {
             log.record().trace_id = Some(trace.trace_id_hex());
         }
         let spans = match (&self.spans, &trace) {
-            (Some(exporter), Some(trace)) if trace.sampled => Some(PendingTrace::new(
+            (Some(exporter), Some(trace)) if trace.sampled => Some(Box::new(PendingTrace::new(
                 exporter.clone(),
                 otlp::Span {
                     trace_id: trace.trace_id,
@@ -139,7 +140,7 @@ impl Proxy {
                     ],
                     error: false,
                 },
-            )),
+            ))),
             _ => None,
         };
         let mut exchange = Exchange {

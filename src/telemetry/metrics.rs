@@ -1316,8 +1316,9 @@ pub struct RequestObserver {
     status: u16,
     started: Instant,
     bytes_out: u64,
-    /// A sampled request's spans, exported when this observer drops.
-    trace: Option<super::otlp::PendingTrace>,
+    /// A sampled request's spans, exported when this observer drops (boxed: rare, and
+    /// large inline in every response body).
+    trace: Option<Box<super::otlp::PendingTrace>>,
 }
 
 impl RequestObserver {
@@ -1333,7 +1334,7 @@ impl RequestObserver {
     }
 
     /// Carries the request's spans to the end of the response.
-    pub fn with_trace(mut self, trace: Option<super::otlp::PendingTrace>) -> Self {
+    pub fn with_trace(mut self, trace: Option<Box<super::otlp::PendingTrace>>) -> Self {
         self.trace = trace;
         self
     }
