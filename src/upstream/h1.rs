@@ -169,8 +169,7 @@ impl Pump {
             })?;
         }
         if self.chunked {
-            self.out
-                .extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+            crate::http::h1::head::push_chunk_size(&mut self.out, data.len());
             self.chunk_end = true;
         }
         if self.out.len() - self.written + data.len() <= COALESCE {

@@ -341,6 +341,16 @@ pub fn refusal(status: StatusCode) -> Vec<u8> {
     out
 }
 
+/// Appends a chunk-size line (`1a2b\r\n`) without formatting machinery.
+pub fn push_chunk_size(out: &mut Vec<u8>, len: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let digits = (usize::BITS - len.leading_zeros()).div_ceil(4).max(1);
+    for shift in (0..digits).rev() {
+        out.push(HEX[(len >> (shift * 4)) & 0xf]);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 fn has_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
@@ -455,6 +465,20 @@ mod tests {
                 .unwrap()
                 .unwrap();
         assert!(upgrade.upgrade);
+    }
+
+    #[test]
+    fn chunk_sizes_are_lowercase_hex_lines() {
+        for (len, line) in [
+            (0, "0\r\n"),
+            (10, "a\r\n"),
+            (4096, "1000\r\n"),
+            (0x1f2e, "1f2e\r\n"),
+        ] {
+            let mut out = Vec::new();
+            push_chunk_size(&mut out, len);
+            assert_eq!(out, line.as_bytes());
+        }
     }
 
     #[test]

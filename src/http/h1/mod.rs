@@ -433,7 +433,7 @@ impl Server {
                         return Err(ConnError::LengthMismatch);
                     }
                     BodyFraming::Chunked => {
-                        out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                        head::push_chunk_size(&mut out, data.len());
                         self.send(&mut out, data).await?;
                         out.extend_from_slice(b"\r\n");
                     }
