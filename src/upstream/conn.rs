@@ -445,7 +445,10 @@ impl Connections {
     }
 
     /// The most recently parked connection that is still open and not past its idle
-    /// timeout or lifetime. Closed and expired connections met on the way are dropped.
+    /// timeout or lifetime, preferring one opened on this worker thread: its socket is
+    /// registered with this thread's reactor, so its wake-ups stay on the thread (with
+    /// several workers, a connection from another worker works but every wake-up crosses
+    /// threads). Closed and expired connections met on the way are dropped.
     fn checkout_idle(
         &self,
         pool: &Mutex<Http1Pool>,
@@ -453,26 +456,34 @@ impl Connections {
         owner: Option<SocketAddr>,
     ) -> Option<(h1::Conn, Instant, u32)> {
         let generation = self.generation.load(Ordering::Acquire);
+        let here = h1::Conn::this_thread();
         let mut pool = pool.lock();
-        let mut index = pool.parked.len();
-        while index > 0 {
-            index -= 1;
+        loop {
+            let mut pick = None;
+            for (index, parked) in pool.parked.iter().enumerate().rev() {
+                if parked.client != owner {
+                    continue;
+                }
+                if parked.conn.thread() == here {
+                    pick = Some(index);
+                    break;
+                }
+                pick.get_or_insert(index);
+            }
+            let index = pick?;
             let parked = &mut pool.parked[index];
             let expired = Instant::now() >= parked.expires
                 || settings
                     .max_lifetime
                     .is_some_and(|lifetime| parked.born.elapsed() >= lifetime);
-            if parked.generation != generation
-                || expired
-                || parked.conn.is_closed(&self.sweep_waker)
-            {
-                pool.parked.swap_remove(index);
-            } else if parked.client == owner {
-                let parked = pool.parked.swap_remove(index);
+            let usable = parked.generation == generation
+                && !expired
+                && !parked.conn.is_closed(&self.sweep_waker);
+            let parked = pool.parked.swap_remove(index);
+            if usable {
                 return Some((parked.conn, parked.born, parked.served));
             }
         }
-        None
     }
 
     /// Parks a connection whose exchange ended cleanly, for reuse, unless it carried its

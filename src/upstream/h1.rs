@@ -67,6 +67,8 @@ pub struct Conn {
     buf: BytesMut,
     /// With `max_connections`: released when the connection closes.
     _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The thread that opened it: its socket belongs to that thread's reactor.
+    thread: std::thread::ThreadId,
 }
 
 impl Conn {
@@ -75,7 +77,20 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             _permit: permit,
+            thread: Conn::this_thread(),
         }
+    }
+
+    /// The calling thread's id, cached (`thread::current()` clones a handle).
+    pub fn this_thread() -> std::thread::ThreadId {
+        thread_local! {
+            static THIS: std::thread::ThreadId = std::thread::current().id();
+        }
+        THIS.with(|id| *id)
+    }
+
+    pub fn thread(&self) -> std::thread::ThreadId {
+        self.thread
     }
 
     /// Whether the backend closed this idle connection (or sent something unasked, which
