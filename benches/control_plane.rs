@@ -6,7 +6,10 @@
 //! The generated route tables are shaped like a real multi-tenant gateway rather than a
 //! best case: routes are spread over 100 exact hosts, 10 wildcard hosts and a host-less
 //! fallback group; most use `path_prefix` at depths 1–3, a tenth use an exact `path`,
-//! some add a method or header condition, and a few are regexes.
+//! some add a method or header condition, and a few are regexes. Route numbers in hosts
+//! and paths are zero-padded (`/svc00042/v1`), so keys have the same length in every
+//! table: the lookup hashes and compares them, and the comparison is between table
+//! sizes, not between path lengths.
 
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
@@ -21,14 +24,16 @@ use http::{HeaderMap, HeaderValue, Method};
 const SIZES: [usize; 2] = [10, 10_000];
 const POOLS: usize = 10;
 
-/// The host a route with this index is attached to (`None`: any host).
+/// The host a route with this index is attached to (`None`: any host). The wildcard and
+/// host-less classes sit among the first ten indexes so that the 10-route table has one
+/// route of every kind, like the 10,000-route one.
 fn route_host(i: usize) -> Option<String> {
     match i % 20 {
         // 5 % of routes: no host condition.
-        19 => None,
+        9 => None,
         // 5 % of routes: wildcard hosts.
-        18 => Some(format!("*.tenant{}.example.net", i % 10)),
-        _ => Some(format!("svc{}.example.com", i % 100)),
+        8 => Some(format!("*.tenant{}.example.net", (i / 20) % 10)),
+        _ => Some(format!("svc{:02}.example.com", i % 100)),
     }
 }
 
@@ -52,24 +57,24 @@ fn config_text(routes: usize) -> String {
             text.push_str(&format!("match.hosts = [\"{host}\"]\n"));
         }
         match i % 10 {
-            0 => text.push_str(&format!("match.path = \"/exact/{i}/status\"\n")),
+            0 => text.push_str(&format!("match.path = \"/exact/{i:05}/status\"\n")),
             1 => text.push_str(&format!(
-                "match.path_prefix = \"/api/v{}/orders{i}\"\n",
+                "match.path_prefix = \"/api/v{}/orders{i:05}\"\n",
                 i % 3
             )),
-            2 => text.push_str(&format!("match.path_prefix = \"/static{i}\"\n")),
+            2 => text.push_str(&format!("match.path_prefix = \"/static{i:05}\"\n")),
             3 if i % 1000 == 3 => {
-                text.push_str(&format!("match.path_regex = \"^/re{i}/[0-9]+$\"\n"))
+                text.push_str(&format!("match.path_regex = \"^/re{i:05}/[0-9]+$\"\n"))
             }
             4 => {
-                text.push_str(&format!("match.path_prefix = \"/svc{i}\"\n"));
+                text.push_str(&format!("match.path_prefix = \"/svc{i:05}\"\n"));
                 text.push_str("match.methods = [\"GET\", \"HEAD\"]\n");
             }
             5 => {
-                text.push_str(&format!("match.path_prefix = \"/svc{i}\"\n"));
+                text.push_str(&format!("match.path_prefix = \"/svc{i:05}\"\n"));
                 text.push_str("match.headers = [{ name = \"x-canary\", value = \"1\" }]\n");
             }
-            _ => text.push_str(&format!("match.path_prefix = \"/svc{i}/v1\"\n")),
+            _ => text.push_str(&format!("match.path_prefix = \"/svc{i:05}/v1\"\n")),
         }
         text.push('\n');
     }
@@ -121,44 +126,79 @@ fn bench_compile_and_swap(c: &mut Criterion) {
     group.finish();
 }
 
-/// Requests that hit routes spread over the whole table, plus a miss.
+/// One request to route, split the way the proxy hands it to the router.
 struct Probe {
     host: String,
     path: String,
+    query: Option<String>,
     headers: HeaderMap,
+    /// The route this request must resolve to (checked before measuring).
+    expected: Option<usize>,
 }
 
+/// Kinds of route in `config_text`, by `i % 10` (`i % 20` for the host class).
+const KINDS: usize = 10;
+/// Rounds of probes: each round routes one request of every kind plus two misses.
+const ROUNDS: usize = 10;
+
+/// The same mix of requests for every table size, so that the sizes differ only in the
+/// table: per round one request for a route of each kind (exact path, three-segment
+/// prefix, one-segment prefix, regex, method condition, header condition, two deeper
+/// prefixes, a wildcard host, no host), a known host with an unknown path, and an
+/// unknown host. With 10,000 routes the routes are spread over the table (and 40 of the
+/// 100 exact hosts); the 10-route table has one route of each kind, so its rounds repeat
+/// the same requests (as separate copies, so the probes' own memory is the same).
 fn probes(routes: usize) -> Vec<Probe> {
     let mut out = Vec::new();
-    // 64 routes spread evenly over the table, so the 10,000-route case is not only
-    // measuring a few cache-hot buckets.
-    let step = (routes / 64).max(1);
-    for i in (0..routes).step_by(step).take(64) {
-        let host = match route_host(i) {
-            Some(h) => h.replace("*.", "a."),
-            None => "unmatched.example.org".to_string(),
-        };
-        let path = match i % 10 {
-            0 => format!("/exact/{i}/status"),
-            1 => format!("/api/v{}/orders{i}/123", i % 3),
-            2 => format!("/static{i}/css/site.css"),
-            3 if i % 1000 == 3 => format!("/re{i}/42"),
-            3 => "/nothing/here".to_string(),
-            _ => format!("/svc{i}/v1/users/42"),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("x-canary", HeaderValue::from_static("1"));
-        headers.insert("user-agent", HeaderValue::from_static("bench"));
-        out.push(Probe {
-            host,
-            path,
-            headers,
-        });
+    // Route i is of kind i % 10 and host class i % 20; `j + 20 * k` keeps both.
+    let spread = (routes / 20).max(1);
+    for round in 0..ROUNDS {
+        for kind in 0..KINDS {
+            let i = if kind == 3 {
+                // Regex routes are the ones with i % 1000 == 3.
+                3 + 1000 * (round % (routes / 1000).max(1))
+            } else {
+                kind + 20 * ((round * 53 + kind * 7) % spread)
+            };
+            assert!(i < routes);
+            let host = match route_host(i) {
+                Some(h) => h.replace("*.", "a."),
+                None => "unmatched.example.org".to_string(),
+            };
+            let path = match kind {
+                0 => format!("/exact/{i:05}/status"),
+                1 => format!("/api/v{}/orders{i:05}/123", i % 3),
+                2 => format!("/static{i:05}/css/site.css"),
+                3 => format!("/re{i:05}/42"),
+                _ => format!("/svc{i:05}/v1/users/42"),
+            };
+            out.push(probe(host, path, Some(i)));
+        }
+        let known = route_host(20 * ((round * 29) % spread)).expect("kind 0 has a host");
+        out.push(probe(known, format!("/nothing/here/{round}"), None));
+        out.push(probe(
+            format!("unknown{round}.example.org"),
+            "/svc/v1/users".to_string(),
+            None,
+        ));
     }
     out
 }
 
-/// `Router::lookup` for one request (cycling through 64 different requests).
+fn probe(host: String, path: String, expected: Option<usize>) -> Probe {
+    let mut headers = HeaderMap::new();
+    headers.insert("x-canary", HeaderValue::from_static("1"));
+    headers.insert("user-agent", HeaderValue::from_static("bench"));
+    Probe {
+        host,
+        path,
+        query: None,
+        headers,
+        expected,
+    }
+}
+
+/// `Router::lookup` for one request (cycling through the probes).
 fn bench_routing(c: &mut Criterion) {
     let mut group = c.benchmark_group("route_lookup");
     let method = Method::GET;
@@ -166,16 +206,27 @@ fn bench_routing(c: &mut Criterion) {
     for routes in SIZES {
         let config = parse(&config_text(routes));
         let router = Router::for_routes(&config.routes).expect("builds");
+        eprintln!(
+            "route_lookup/{routes}: lookup structures {} KiB",
+            router.index_heap_bytes() / 1024
+        );
         let probes = probes(routes);
-        let matched = probes
-            .iter()
-            .filter(|p| lookup(&router, p, &method, client_ip).is_some())
-            .count();
-        assert!(matched > probes.len() / 2, "most probes must hit a route");
+        for probe in &probes {
+            assert_eq!(
+                lookup(&router, probe, &method, client_ip),
+                probe.expected,
+                "{} {}",
+                probe.host,
+                probe.path
+            );
+        }
         let mut next = 0usize;
         group.bench_function(BenchmarkId::new("lookup", routes), |b| {
             b.iter(|| {
-                next = (next + 1) % probes.len();
+                next += 1;
+                if next == probes.len() {
+                    next = 0;
+                }
                 lookup(&router, black_box(&probes[next]), &method, client_ip)
             })
         });
@@ -184,14 +235,10 @@ fn bench_routing(c: &mut Criterion) {
 }
 
 fn lookup(router: &Router, probe: &Probe, method: &Method, client_ip: IpAddr) -> Option<usize> {
-    let (path, query) = match probe.path.split_once('?') {
-        Some((p, q)) => (p, Some(q)),
-        None => (probe.path.as_str(), None),
-    };
     router.lookup(&RequestFacts {
         host: &probe.host,
-        path,
-        query,
+        path: &probe.path,
+        query: probe.query.as_deref(),
         method,
         headers: &probe.headers,
         client_ip,
