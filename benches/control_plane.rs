@@ -145,20 +145,22 @@ const ROUNDS: usize = 10;
 /// table: per round one request for a route of each kind (exact path, three-segment
 /// prefix, one-segment prefix, regex, method condition, header condition, two deeper
 /// prefixes, a wildcard host, no host), a known host with an unknown path, and an
-/// unknown host. With 10,000 routes the routes are spread over the table (and 40 of the
-/// 100 exact hosts); the 10-route table has one route of each kind, so its rounds repeat
-/// the same requests (as separate copies, so the probes' own memory is the same).
-fn probes(routes: usize) -> Vec<Probe> {
+/// unknown host. Round r routes the requests of round `r % distinct`: with
+/// `distinct = 1` every table sees 12 different requests (each repeated, as separate
+/// copies, so the probes' own memory is the same); with `distinct = ROUNDS` the
+/// 10,000-route table sees 120 (over 100 routes and 40 of the 100 exact hosts), while
+/// the 10-route table, having one route of each kind, still sees 12.
+fn probes(routes: usize, distinct: usize) -> Vec<Probe> {
     let mut out = Vec::new();
     // Route i is of kind i % 10 and host class i % 20; `j + 20 * k` keeps both.
     let spread = (routes / 20).max(1);
-    for round in 0..ROUNDS {
+    for round in (0..ROUNDS).map(|round| round % distinct) {
         for kind in 0..KINDS {
             let i = if kind == 3 {
                 // Regex routes are the ones with i % 1000 == 3.
                 3 + 1000 * (round % (routes / 1000).max(1))
             } else {
-                kind + 20 * ((round * 53 + kind * 7) % spread)
+                kind + 20 * ((round * 53 + kind * 47) % spread)
             };
             assert!(i < routes);
             let host = match route_host(i) {
@@ -210,26 +212,31 @@ fn bench_routing(c: &mut Criterion) {
             "route_lookup/{routes}: lookup structures {} KiB",
             router.index_heap_bytes() / 1024
         );
-        let probes = probes(routes);
-        for probe in &probes {
-            assert_eq!(
-                lookup(&router, probe, &method, client_ip),
-                probe.expected,
-                "{} {}",
-                probe.host,
-                probe.path
-            );
+        // `lookup`: the same 12 requests for both sizes, so only the table differs;
+        // `lookup_spread`: 10 times as many different requests on the large table, so
+        // its lookups also outgrow the first-level cache.
+        for (name, distinct) in [("lookup", 1), ("lookup_spread", ROUNDS)] {
+            let probes = probes(routes, distinct);
+            for probe in &probes {
+                assert_eq!(
+                    lookup(&router, probe, &method, client_ip),
+                    probe.expected,
+                    "{} {}",
+                    probe.host,
+                    probe.path
+                );
+            }
+            let mut next = 0usize;
+            group.bench_function(BenchmarkId::new(name, routes), |b| {
+                b.iter(|| {
+                    next += 1;
+                    if next == probes.len() {
+                        next = 0;
+                    }
+                    lookup(&router, black_box(&probes[next]), &method, client_ip)
+                })
+            });
         }
-        let mut next = 0usize;
-        group.bench_function(BenchmarkId::new("lookup", routes), |b| {
-            b.iter(|| {
-                next += 1;
-                if next == probes.len() {
-                    next = 0;
-                }
-                lookup(&router, black_box(&probes[next]), &method, client_ip)
-            })
-        });
     }
     group.finish();
 }
