@@ -1,17 +1,19 @@
 //! Route matching: compiles route conditions into lookup structures once per snapshot and
 //! finds the winning route for a request without scanning every route.
 //!
-//! Structure: host → (exact table | wildcard suffix table | any host) → path index. A path
-//! index is a trie of path segments whose nodes hold rank-sorted candidate lists: the
-//! root holds routes with no path condition and `path_prefix = "/"`, deeper nodes hold
-//! longer prefixes and the regex routes whose pattern is anchored to a literal leading
-//! path (`^/api/v1/...` hangs under `api` → `v1`, so only a request walking that far runs
-//! it); exact paths have their own table. All host, path and segment keys of a router
-//! live in three flat hash tables that store short keys inline, so a probe compares bytes
-//! in the slot it lands on instead of following a pointer to each key. A lookup walks a
-//! handful of short lists and stops at the first candidate whose remaining conditions
-//! (method, headers, query, source) hold; candidates without such conditions carry a flag
-//! and are accepted without touching the route's conditions.
+//! Structure: host → (exact host | wildcard suffix | any host) → path index. A path index
+//! is a trie of path segments whose nodes hold rank-sorted candidate lists: the root
+//! holds routes with no path condition and `path_prefix = "/"`, deeper nodes hold longer
+//! prefixes and the regex routes whose pattern is anchored to a literal leading path
+//! (`^/api/v1/...` hangs under `api` → `v1`, so only a request walking that far runs it);
+//! exact paths are keys of their own. A router keeps its keys in two flat tables, one for
+//! hosts and one for trie nodes and exact paths of every index; a slot is one cache line
+//! holding a short key inline and the node's first candidate, so a probe compares bytes
+//! where it lands instead of following a pointer to each key. Trie nodes are keyed by
+//! their whole prefix, so the probes for one path's segments do not wait on each other.
+//! A lookup stops at the first candidate of each list whose remaining conditions (method,
+//! headers, query, source) hold; candidates without such conditions carry a flag and are
+//! accepted without touching the route's conditions.
 //!
 //! Rank order (documented in docs/CONFIG.md): higher `priority` first; then host
 //! specificity (exact, longer wildcard, shorter wildcard, any host); then path specificity
@@ -942,23 +944,25 @@ impl Router {
 
     fn regex_best(&self, group: u32, facts: &RequestFacts<'_>, mut best: Cand) -> Cand {
         match self.regexes.get(group as usize) {
-            Some(RegexGroup::One(regex, cand)) => {
-                if cand.rank < best.rank && regex.is_match(facts.path) && self.holds(*cand, facts) {
-                    best = *cand;
-                }
+            Some(RegexGroup::One(regex, cand))
+                if cand.rank < best.rank
+                    && regex.is_match(facts.path)
+                    && self.holds(*cand, facts) =>
+            {
+                best = *cand;
             }
-            Some(RegexGroup::Many(set, cands)) => {
-                if cands.first().is_some_and(|first| first.rank < best.rank) {
-                    for position in set.matches(facts.path).iter() {
-                        if let Some(&cand) = cands.get(position) {
-                            if cand.rank < best.rank && self.holds(cand, facts) {
-                                best = cand;
-                            }
+            Some(RegexGroup::Many(set, cands))
+                if cands.first().is_some_and(|first| first.rank < best.rank) =>
+            {
+                for position in set.matches(facts.path).iter() {
+                    if let Some(&cand) = cands.get(position) {
+                        if cand.rank < best.rank && self.holds(cand, facts) {
+                            best = cand;
                         }
                     }
                 }
             }
-            None => {}
+            _ => {}
         }
         best
     }
