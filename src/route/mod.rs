@@ -1393,6 +1393,8 @@ mod tests {
             "/a-segment-longer-than-inline-bytes/and/more/x",
             "/a-segment-longer-than-inline-bytes/and/mor",
         ];
+        // Winners by kind, to show the comparison exercises each (below).
+        let mut won = [0usize; 5];
         let mut rng = Lcg(7);
         let mut header_hits = HeaderMap::new();
         header_hits.insert("x-canary", "1".parse().unwrap());
@@ -1433,16 +1435,26 @@ mod tests {
                     for method in [Method::GET, Method::POST] {
                         for headers in [&HeaderMap::new(), &header_hits] {
                             let facts = facts(host, &method, path, headers);
+                            let found = router.lookup(&facts);
                             assert_eq!(
-                                router.lookup(&facts),
+                                found,
                                 reference_lookup(&routes, &regexes, &facts),
                                 "{host} {method} {path:?} {routes:#?}"
                             );
+                            if let Some((_, winner)) = found.map(|route| &routes[route]) {
+                                won[0] += usize::from(winner.path_regex.is_some());
+                                won[1] += usize::from(winner.hosts.is_empty());
+                                won[2] +=
+                                    usize::from(winner.hosts.iter().any(|h| h.starts_with('*')));
+                                won[3] += usize::from(!winner.methods.is_empty());
+                                won[4] += usize::from(!winner.headers.is_empty());
+                            }
                         }
                     }
                 }
             }
         }
+        assert!(won.iter().all(|&count| count > 100), "{won:?}");
     }
 
     #[test]
