@@ -87,30 +87,40 @@ struct RawBackend {
 
 impl RawBackend {
     async fn start(reply: Option<&'static [u8]>) -> RawBackend {
+        RawBackend::serving(move |mut stream| async move {
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 4096];
+            loop {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => seen.extend_from_slice(&buf[..n]),
+                }
+                if let Some(reply) = reply {
+                    if find(&seen, b"\r\n\r\n").is_some() {
+                        let _ = stream.write_all(reply).await;
+                        let _ = stream.shutdown().await;
+                        return;
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Accepts connections on 127.0.0.1:0, counting them, and runs `serve` on each.
+    async fn serving<F, Fut>(serve: F) -> RawBackend
+    where
+        F: Fn(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let counter = accepted.clone();
         let task = tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
+            while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(async move {
-                    let mut seen = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    loop {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => seen.extend_from_slice(&buf[..n]),
-                        }
-                        if let Some(reply) = reply {
-                            if find(&seen, b"\r\n\r\n").is_some() {
-                                let _ = stream.write_all(reply).await;
-                                let _ = stream.shutdown().await;
-                                return;
-                            }
-                        }
-                    }
-                });
+                tokio::spawn(serve(stream));
             }
         });
         RawBackend {
@@ -1194,43 +1204,30 @@ async fn a_client_that_goes_away_cancels_its_upstream_request() {
 /// A raw keep-alive backend: answers each bodiless request head on a connection with
 /// `reply(path)` and closes after answers that say `Connection: close`. Counts accepts.
 async fn keep_alive_backend(reply: fn(&str) -> String) -> RawBackend {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = accepted.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                loop {
-                    while let Some(end) = find(&seen, b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&seen[..end]).into_owned();
-                        seen.drain(..end + 4);
-                        let path = head.split(' ').nth(1).unwrap_or("/").to_string();
-                        let answer = reply(&path);
-                        if stream.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        if answer.to_ascii_lowercase().contains("connection: close") {
-                            let _ = stream.shutdown().await;
-                            return;
-                        }
-                    }
-                    match stream.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+    RawBackend::serving(move |mut stream| async move {
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            while let Some(end) = find(&seen, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&seen[..end]).into_owned();
+                seen.drain(..end + 4);
+                let path = head.split(' ').nth(1).unwrap_or("/").to_string();
+                let answer = reply(&path);
+                if stream.write_all(answer.as_bytes()).await.is_err() {
+                    return;
                 }
-            });
+                if answer.to_ascii_lowercase().contains("connection: close") {
+                    let _ = stream.shutdown().await;
+                    return;
+                }
+            }
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
         }
-    });
-    RawBackend {
-        addr,
-        accepted,
-        task,
-    }
+    })
+    .await
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -22,15 +22,15 @@ use tokio::time::Instant;
 
 use super::conn::{ConnSettings, Connections, UpstreamIo};
 use crate::http::body::{BodyError, RequestBody};
-use crate::http::h1::body::{BodyReadError, Decoder};
-use crate::http::h1::head::Framing;
+use crate::http::h1::body::{poll_fill, BodyReadError, Decoder};
+use crate::http::h1::head::{
+    field_spans, header_map, push_chunk_size, push_field, push_last_chunk, Framing,
+};
 use crate::listener::prefixed::Prefixed;
 
 /// Largest response head accepted from a backend, and its most header fields.
 const MAX_RESPONSE_HEAD: usize = 128 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 128;
-/// How much is read from the backend at a time while a body streams.
-const BODY_READ: usize = 32 * 1024;
 /// Request body chunks up to this size are copied behind the head or chunk header.
 const COALESCE: usize = 16 * 1024;
 
@@ -102,11 +102,6 @@ impl Conn {
         Pin::new(&mut self.io)
             .poll_read(&mut cx, &mut read)
             .is_ready()
-    }
-
-    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
-        self.buf.reserve(want);
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 }
 
@@ -184,7 +179,7 @@ impl Pump {
             })?;
         }
         if self.chunked {
-            crate::http::h1::head::push_chunk_size(&mut self.out, data.len());
+            push_chunk_size(&mut self.out, data.len());
             self.chunk_end = true;
         }
         if self.out.len() - self.written + data.len() <= COALESCE {
@@ -207,14 +202,7 @@ impl Pump {
             )));
         }
         if self.chunked {
-            self.out.extend_from_slice(b"0\r\n");
-            for (name, value) in self.trailers.iter().flatten() {
-                self.out.extend_from_slice(name.as_str().as_bytes());
-                self.out.extend_from_slice(b": ");
-                self.out.extend_from_slice(value.as_bytes());
-                self.out.extend_from_slice(b"\r\n");
-            }
-            self.out.extend_from_slice(b"\r\n");
+            push_last_chunk(&mut self.out, self.trailers.as_ref());
         }
         Ok(())
     }
@@ -303,19 +291,13 @@ fn encode_request(parts: &http::request::Parts, body: &RequestBody) -> Pump {
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    let mut write = |name: &HeaderName, value: &HeaderValue| {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    };
     for (name, value) in parts.headers.iter() {
         if name != TRANSFER_ENCODING {
-            write(name, value);
+            push_field(&mut out, name, value);
         }
     }
     if let Some((name, value)) = &extra {
-        write(name, value);
+        push_field(&mut out, name, value);
     }
     out.extend_from_slice(b"\r\n");
     Pump {
@@ -369,75 +351,29 @@ fn parse_response(
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        let base = buf.as_ptr() as usize;
-        let mut fields: smallvec::SmallVec<[(HeaderName, usize, usize); 24]> =
-            smallvec::SmallVec::new();
-        for header in parsed.headers.iter() {
-            let name = HeaderName::from_bytes(header.name.as_bytes())
-                .map_err(|_| ClientError::Malformed("invalid header name"))?;
-            fields.push((
-                name,
-                header.value.as_ptr() as usize - base,
-                header.value.len(),
-            ));
-        }
+        let spans =
+            field_spans(parsed.headers, buf.as_ptr() as usize).map_err(ClientError::Malformed)?;
         let head = buf.split_to(len).freeze();
-        let mut headers = HeaderMap::with_capacity(fields.len() + 4);
-        let mut length: Option<u64> = None;
-        let mut transfer_encoding = false;
-        let mut chunked = false;
-        let mut close = false;
-        let mut keep_alive_token = false;
-        for (name, start, len) in fields {
-            let value = HeaderValue::from_maybe_shared(head.slice(start..start + len))
-                .map_err(|_| ClientError::Malformed("invalid header value"))?;
-            if name == CONTENT_LENGTH {
-                let parsed = value
-                    .to_str()
-                    .ok()
-                    .and_then(|text| text.trim().parse::<u64>().ok())
-                    .ok_or(ClientError::Malformed("invalid Content-Length"))?;
-                if length.is_some_and(|earlier| earlier != parsed) {
-                    return Err(ClientError::Malformed("differing Content-Length values"));
-                }
-                length = Some(parsed);
-            } else if name == TRANSFER_ENCODING {
-                transfer_encoding = true;
-                chunked = value
-                    .to_str()
-                    .ok()
-                    .and_then(|codings| codings.rsplit(',').next())
-                    .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-            } else if name == CONNECTION {
-                for token in value.as_bytes().split(|&b| b == b',') {
-                    let token = token.trim_ascii();
-                    close |= token.eq_ignore_ascii_case(b"close");
-                    keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
-                }
-            }
-            headers.append(name, value);
-        }
+        let (headers, fields) = header_map(&head, spans, 4).map_err(ClientError::Malformed)?;
         let no_body = *request_method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
             || status == StatusCode::SWITCHING_PROTOCOLS;
         let decoder = if no_body {
             Decoder::Done
-        } else if transfer_encoding && chunked {
+        } else if fields.transfer_encoding && fields.chunked {
             Decoder::new(Framing::Chunked)
-        } else if transfer_encoding {
+        } else if fields.transfer_encoding {
             Decoder::UntilClose
-        } else if let Some(length) = length {
+        } else if let Some(length) = fields.content_length {
             Decoder::new(Framing::Length(length))
         } else {
             Decoder::UntilClose
         };
-        let keep_alive = match version {
-            Version::HTTP_10 => keep_alive_token && !close,
-            _ => !close,
-        } && decoder != Decoder::UntilClose
+        let keep_alive = fields.keep_alive(version)
+            && decoder != Decoder::UntilClose
             // Both framing headers: the connection cannot be trusted to be in step.
-            && !(transfer_encoding && length.is_some());
+            && !(fields.transfer_encoding && fields.content_length.is_some());
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -497,7 +433,7 @@ pub async fn send(
                 }
             }
             let answered = !conn.buf.is_empty();
-            match std::task::ready!(conn.poll_fill(cx, 4096)) {
+            match std::task::ready!(poll_fill(&mut conn.io, &mut conn.buf, cx, 4096)) {
                 Ok(0) => {
                     return Poll::Ready(Err(Failure::Failed {
                         error: if answered {
@@ -620,41 +556,25 @@ impl http_body::Body for Body {
                 Poll::Pending => {}
             }
         }
-        loop {
-            match this.decoder.decode(&mut conn.buf, MAX_RESPONSE_HEAD) {
-                Ok(Some(frame)) => {
-                    if this.decoder.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                Ok(None) if this.decoder.is_done() => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(ClientError::ResponseBody(err))));
-                }
-            }
-            match std::task::ready!(conn.poll_fill(cx, BODY_READ)) {
-                Ok(0) if this.decoder == Decoder::UntilClose => {
-                    this.decoder = Decoder::Done;
-                    this.conn = None;
-                    return Poll::Ready(None);
-                }
-                Ok(0) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(ClientError::Incomplete)));
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    this.conn = None;
-                    return Poll::Ready(Some(Err(ClientError::Read(err))));
-                }
-            }
+        let frame = std::task::ready!(this.decoder.poll_frame(
+            &mut conn.io,
+            &mut conn.buf,
+            cx,
+            MAX_RESPONSE_HEAD
+        ));
+        match &frame {
+            Some(Ok(_)) if this.decoder.is_done() => this.finish(),
+            Some(Ok(_)) => {}
+            None => this.finish(),
+            Some(Err(_)) => this.conn = None,
         }
+        Poll::Ready(frame.map(|frame| {
+            frame.map_err(|err| match err {
+                BodyReadError::Incomplete => ClientError::Incomplete,
+                BodyReadError::Io(err) => ClientError::Read(err),
+                err => ClientError::ResponseBody(err),
+            })
+        }))
     }
 
     fn is_end_stream(&self) -> bool {

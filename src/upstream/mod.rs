@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
+use crate::http::body::BoxError;
 use balancer::Balancer;
 pub use balancer::{hash64, HashRing, PickContext};
 pub use conn::{ClientAddrs, ConnSettings, Connections, Transport};
@@ -64,8 +65,6 @@ pub enum UpstreamError {
     #[error("every endpoint of pool {pool} is at its connection limit: {reason}")]
     AtLimit { pool: Arc<str>, reason: LimitError },
 }
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body from a backend: HTTP/1.1 from the gateway's own client (`h1`), HTTP/2
 /// from hyper's.

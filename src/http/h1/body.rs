@@ -13,7 +13,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Frame, SizeHint};
 use sync_wrapper::SyncWrapper;
-use tokio::io::ReadHalf;
+use tokio::io::{AsyncRead, ReadHalf};
 use tokio::sync::Notify;
 
 use super::head::Framing;
@@ -42,12 +42,16 @@ pub struct ReadSide {
     pub buf: BytesMut,
 }
 
-impl ReadSide {
-    /// Reads more into the buffer, reserving `want` bytes; `Ok(0)` is the end of stream.
-    pub fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<std::io::Result<usize>> {
-        self.buf.reserve(want);
-        tokio_util::io::poll_read_buf(Pin::new(self.reader.get_mut()), cx, &mut self.buf)
-    }
+/// Reads more from `reader` into `buf`, reserving `want` bytes first; `Ok(0)` is the end
+/// of stream. Shared by the server's and the upstream client's reads.
+pub fn poll_fill<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    want: usize,
+) -> Poll<std::io::Result<usize>> {
+    buf.reserve(want);
+    tokio_util::io::poll_read_buf(Pin::new(reader), cx, buf)
 }
 
 /// State a connection shares with the bodies of its requests.
@@ -109,9 +113,37 @@ impl Decoder {
         }
     }
 
+    /// The next frame, read from `reader` through `buf` as needed; `Ready(None)` at the end
+    /// (for `UntilClose`, when the reader ends). A reader that ends early is `Incomplete`.
+    pub fn poll_frame<R: AsyncRead + Unpin>(
+        &mut self,
+        reader: &mut R,
+        buf: &mut BytesMut,
+        cx: &mut Context<'_>,
+        max_trailers: usize,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyReadError>>> {
+        loop {
+            if let Some(frame) = self.decode(buf, max_trailers).transpose() {
+                return Poll::Ready(Some(frame));
+            }
+            if self.is_done() {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(poll_fill(reader, buf, cx, BODY_READ)) {
+                Ok(0) if *self == Decoder::UntilClose => {
+                    *self = Decoder::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => return Poll::Ready(Some(Err(BodyReadError::Incomplete))),
+                Ok(_) => {}
+                Err(err) => return Poll::Ready(Some(Err(err.into()))),
+            }
+        }
+    }
+
     /// Decodes the next frame from `buf`; `Ok(None)` when more must be read (or, once
     /// `is_done`, at the end). Data frames share `buf`'s memory.
-    pub fn decode(
+    fn decode(
         &mut self,
         buf: &mut BytesMut,
         max_trailers: usize,
@@ -220,13 +252,6 @@ impl Body {
             self.shared.give_back(side, self.decoder.is_done());
         }
     }
-
-    fn decode(&mut self) -> Result<Option<Frame<Bytes>>, BodyReadError> {
-        match self.side.as_mut() {
-            Some(side) => self.decoder.decode(&mut side.buf, self.max_trailers),
-            None => Ok(None),
-        }
-    }
 }
 
 impl Drop for Body {
@@ -247,40 +272,20 @@ impl http_body::Body for Body {
         if std::mem::take(&mut this.expect_continue) {
             this.shared.continue_wanted.notify_one();
         }
-        loop {
-            match this.decode() {
-                Ok(Some(frame)) => {
-                    if this.decoder.is_done() {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(frame)));
-                }
-                Ok(None) if this.decoder.is_done() => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Ok(None) => {}
-                Err(err) => {
-                    this.finish();
-                    return Poll::Ready(Some(Err(err)));
-                }
-            }
-            let Some(side) = this.side.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match side.poll_fill(cx, BODY_READ) {
-                Poll::Ready(Ok(0)) => {
-                    this.finish();
-                    return Poll::Ready(Some(Err(BodyReadError::Incomplete)));
-                }
-                Poll::Ready(Ok(_)) => {}
-                Poll::Ready(Err(err)) => {
-                    this.finish();
-                    return Poll::Ready(Some(Err(err.into())));
-                }
-                Poll::Pending => return Poll::Pending,
-            }
+        let Some(side) = this.side.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let frame = std::task::ready!(this.decoder.poll_frame(
+            side.reader.get_mut(),
+            &mut side.buf,
+            cx,
+            this.max_trailers
+        ));
+        // Ended, failed, or its last frame: the read side goes back to the connection.
+        if this.decoder.is_done() || !matches!(frame, Some(Ok(_))) {
+            this.finish();
         }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {

@@ -103,81 +103,37 @@ pub fn parse(
         .map_err(|_| HeadError::Malformed("invalid method"))?;
     // Offsets into `buf` survive the split below; the parsed slices do not.
     let base = buf.as_ptr() as usize;
-    let offset = |part: &[u8]| (part.as_ptr() as usize - base, part.len());
-    let target = offset(parsed.path.unwrap_or("").as_bytes());
-    let mut fields: smallvec::SmallVec<[(HeaderName, (usize, usize)); 24]> =
-        smallvec::SmallVec::new();
-    for header in parsed.headers.iter() {
-        let name = HeaderName::from_bytes(header.name.as_bytes())
-            .map_err(|_| HeadError::Malformed("invalid header name"))?;
-        fields.push((name, offset(header.value)));
-    }
+    let path = parsed.path.unwrap_or("").as_bytes();
+    let target = (path.as_ptr() as usize - base, path.len());
+    let spans = field_spans(parsed.headers, base).map_err(HeadError::Malformed)?;
     let head = buf.split_to(len).freeze();
-    let slice = |(start, len): (usize, usize)| head.slice(start..start + len);
-
-    let uri = Uri::from_maybe_shared(slice(target))
+    let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
     // Room for the forwarding headers the proxy adds: growing a HeaderMap rehashes it.
-    let mut headers = HeaderMap::with_capacity(fields.len() + 8);
+    let (headers, fields) = header_map(&head, spans, 8).map_err(HeadError::Malformed)?;
     let mut framing = Framing::None;
-    let mut content_length: Option<u64> = None;
-    let mut chunked = false;
-    let mut transfer_encoding = false;
-    let mut connection_close = false;
-    let mut connection_keep_alive = false;
-    let mut connection_upgrade = false;
-    let mut expect_continue = false;
-    for (name, span) in fields {
-        let value = HeaderValue::from_maybe_shared(slice(span))
-            .map_err(|_| HeadError::Malformed("invalid header value"))?;
-        if name == CONTENT_LENGTH {
-            let length = parse_content_length(value.as_bytes())
-                .ok_or(HeadError::Malformed("invalid Content-Length"))?;
-            if content_length.is_some_and(|earlier| earlier != length) {
-                return Err(HeadError::Malformed("differing Content-Length values"));
-            }
-            content_length = Some(length);
-        } else if name == TRANSFER_ENCODING {
-            transfer_encoding = true;
-            // Only the final coding decides; `chunked` anywhere else is invalid framing.
-            chunked = value
-                .to_str()
-                .ok()
-                .and_then(|codings| codings.rsplit(',').next())
-                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
-        } else if name == CONNECTION {
-            for token in value.as_bytes().split(|&b| b == b',') {
-                let token = token.trim_ascii();
-                connection_close |= token.eq_ignore_ascii_case(b"close");
-                connection_keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
-                connection_upgrade |= token.eq_ignore_ascii_case(b"upgrade");
-            }
-        } else if name == http::header::EXPECT {
-            expect_continue = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
-        }
-        headers.append(name, value);
-    }
-    if transfer_encoding {
+    if fields.transfer_encoding {
         if version == Version::HTTP_10 {
             return Err(HeadError::Malformed(
                 "Transfer-Encoding in an HTTP/1.0 request",
             ));
         }
-        if !chunked {
+        if !fields.chunked {
             return Err(HeadError::Malformed(
                 "Transfer-Encoding does not end in chunked",
             ));
         }
         framing = Framing::Chunked;
-    } else if let Some(length) = content_length.filter(|&length| length > 0) {
+    } else if let Some(length) = fields.content_length.filter(|&length| length > 0) {
         framing = Framing::Length(length);
     }
-    let keep_alive = match version {
-        Version::HTTP_10 => connection_keep_alive && !connection_close,
-        _ => !connection_close,
-    };
+    let expect_continue = headers
+        .get_all(http::header::EXPECT)
+        .iter()
+        .next_back()
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"100-continue"));
     let upgrade = version == Version::HTTP_11
-        && connection_upgrade
+        && fields.upgrade
         && headers.contains_key(http::header::UPGRADE);
     let mut request = Request::new(());
     *request.method_mut() = method;
@@ -187,11 +143,98 @@ pub fn parse(
     Ok(Some(Head {
         request,
         framing,
-        keep_alive,
+        keep_alive: fields.keep_alive(version),
         expect_continue: expect_continue && version == Version::HTTP_11,
-        ambiguous: transfer_encoding && content_length.is_some(),
+        ambiguous: fields.transfer_encoding && fields.content_length.is_some(),
         upgrade,
     }))
+}
+
+/// A head's header fields as (name, value offset, value length) in the head's bytes,
+/// taken before the head is split off its buffer.
+pub type FieldSpans = smallvec::SmallVec<[(HeaderName, usize, usize); 24]>;
+
+/// The spans of `fields`, whose values lie in a buffer starting at address `base`.
+pub fn field_spans(
+    fields: &[httparse::Header<'_>],
+    base: usize,
+) -> Result<FieldSpans, &'static str> {
+    fields
+        .iter()
+        .map(|field| {
+            let name =
+                HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| "invalid header name")?;
+            Ok((
+                name,
+                field.value.as_ptr() as usize - base,
+                field.value.len(),
+            ))
+        })
+        .collect()
+}
+
+/// What a message's header fields say about its framing and its connection (RFC 9112 §6
+/// and §9.6): the same rules for requests and responses.
+#[derive(Default)]
+pub struct FramingFields {
+    pub content_length: Option<u64>,
+    pub transfer_encoding: bool,
+    /// The final transfer coding is `chunked` (elsewhere it is invalid framing).
+    pub chunked: bool,
+    pub close: bool,
+    keep_alive_token: bool,
+    pub upgrade: bool,
+}
+
+impl FramingFields {
+    /// Whether the message lets the connection stay open after it.
+    pub fn keep_alive(&self, version: Version) -> bool {
+        match version {
+            Version::HTTP_10 => self.keep_alive_token && !self.close,
+            _ => !self.close,
+        }
+    }
+}
+
+/// The header map of a head whose bytes are `head`, values sharing them, with room for
+/// `room` more fields; and what the fields say about framing.
+pub fn header_map(
+    head: &Bytes,
+    spans: FieldSpans,
+    room: usize,
+) -> Result<(HeaderMap, FramingFields), &'static str> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
+    let mut fields = FramingFields::default();
+    for (name, start, len) in spans {
+        let value = HeaderValue::from_maybe_shared(head.slice(start..start + len))
+            .map_err(|_| "invalid header value")?;
+        if name == CONTENT_LENGTH {
+            let length = parse_content_length(value.as_bytes()).ok_or("invalid Content-Length")?;
+            if fields
+                .content_length
+                .is_some_and(|earlier| earlier != length)
+            {
+                return Err("differing Content-Length values");
+            }
+            fields.content_length = Some(length);
+        } else if name == TRANSFER_ENCODING {
+            fields.transfer_encoding = true;
+            fields.chunked = value
+                .to_str()
+                .ok()
+                .and_then(|codings| codings.rsplit(',').next())
+                .is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if name == CONNECTION {
+            for token in value.as_bytes().split(|&b| b == b',') {
+                let token = token.trim_ascii();
+                fields.close |= token.eq_ignore_ascii_case(b"close");
+                fields.keep_alive_token |= token.eq_ignore_ascii_case(b"keep-alive");
+                fields.upgrade |= token.eq_ignore_ascii_case(b"upgrade");
+            }
+        }
+        headers.append(name, value);
+    }
+    Ok((headers, fields))
 }
 
 /// Digits only, as RFC 9110 §8.6 has it (no sign, no spaces inside); a comma-separated
@@ -312,10 +355,7 @@ pub fn encode_response(
     out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in headers.iter() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        push_field(out, name, value);
     }
     out.extend_from_slice(b"\r\n");
     (framing, keep_alive)
@@ -339,6 +379,23 @@ pub fn refusal(status: StatusCode) -> Vec<u8> {
         },
     );
     out
+}
+
+/// Appends one `name: value` line.
+pub fn push_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the end of a chunked body: the last chunk, `trailers`, and the final CRLF.
+pub fn push_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        push_field(out, name, value);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 /// Appends a chunk-size line (`1a2b\r\n`) without formatting machinery.

@@ -198,7 +198,7 @@ impl Server {
                 let read = if idle {
                     poll_read_append(side, cx)
                 } else {
-                    side.poll_fill(cx, 4096)
+                    body::poll_fill(side.reader.get_mut(), &mut side.buf, cx, 4096)
                 };
                 read.map(|result| result.map(Some).map_err(ConnError::Io))
             })
@@ -446,16 +446,7 @@ impl Server {
                 self.writer.write_all(&out).await?;
                 return Err(ConnError::LengthMismatch);
             }
-            BodyFraming::Chunked => {
-                out.extend_from_slice(b"0\r\n");
-                for (name, value) in trailers.iter().flatten() {
-                    out.extend_from_slice(name.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(value.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
-                out.extend_from_slice(b"\r\n");
-            }
+            BodyFraming::Chunked => head::push_last_chunk(&mut out, trailers.as_ref()),
             _ => {}
         }
         self.writer.write_all(&out).await?;
