@@ -1,4 +1,4 @@
-//! The L7 engine: hyper server glue for HTTP/1.x and h2c on one port, the per-request
+//! The L7 engine: HTTP/1.x (`h1`) and h2c/h2 (hyper) on one port, the per-request
 //! proxy pipeline, header hygiene, body wrappers and the error-to-status map.
 //! It never picks endpoints itself (that is `upstream`) or parses config (`config`).
 
@@ -50,18 +50,17 @@ pub struct TlsInfo {
 /// its in-flight requests and closes (HTTP/2 sends GOAWAY).
 pub async fn serve_connection<S>(
     proxy: Arc<Proxy>,
-    stream: S,
+    mut stream: S,
     info: ConnInfo,
     listener: Arc<ListenerConfig>,
     drain: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut stream = stream;
     let limits = &listener.limits;
     let header_timeout = limits.request_header_timeout.0;
     // The first request head must be complete this long after HTTP begins, the wait for
-    // its first bytes included (hyper's own header timer starts only once it reads).
+    // its first bytes included.
     let first_head_deadline = tokio::time::Instant::now() + header_timeout;
     let peer = info.client;
     // HTTP/1 or h2c is decided here from the first bytes; HTTP/1 parses them in place and
@@ -105,31 +104,29 @@ pub async fn serve_connection<S>(
         let request = request.map(body::ClientBody::H2);
         pin_box_in_place(|| proxy.clone().handle(conn.clone(), request))
     });
-    {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_concurrent_streams(limits.h2_max_concurrent_streams)
-            .initial_stream_window_size(clamp_window(limits.h2_initial_stream_window.0))
-            .initial_connection_window_size(clamp_window(limits.h2_initial_connection_window.0))
-            .max_header_list_size(limits.max_request_header_bytes.0.min(u64::from(u32::MAX)) as u32)
-            .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
-            .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
-        let connection = builder.serve_connection(stream, service);
-        drive(
-            connection,
-            &conn_for_drain,
-            first_head_deadline,
-            drain,
-            peer,
-        )
-        .await;
-    }
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.h2_max_concurrent_streams)
+        .initial_stream_window_size(clamp_window(limits.h2_initial_stream_window.0))
+        .initial_connection_window_size(clamp_window(limits.h2_initial_connection_window.0))
+        .max_header_list_size(limits.max_request_header_bytes.0.min(u64::from(u32::MAX)) as u32)
+        .max_pending_accept_reset_streams(limits.h2_max_pending_reset_streams)
+        .max_local_error_reset_streams(Some(limits.h2_max_pending_reset_streams.max(1) * 16));
+    let connection = builder.serve_connection(stream, service);
+    drive(
+        connection,
+        &conn_for_drain,
+        first_head_deadline,
+        drain,
+        peer,
+    )
+    .await;
 }
 
 /// Reads until the first bytes tell HTTP/1 from the h2c preface (usually one read);
-/// returns them and whether they are the preface. End of stream counts as HTTP/1: hyper
-/// then sees the end itself.
+/// returns them and whether they are the preface. End of stream counts as HTTP/1, whose
+/// server then sees the end itself.
 async fn read_first<S: AsyncRead + Unpin>(stream: &mut S) -> std::io::Result<(BytesMut, bool)> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     let mut first = BytesMut::with_capacity(4096);

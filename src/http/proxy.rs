@@ -159,7 +159,6 @@ impl Proxy {
             .extensions()
             .get::<super::h1::AmbiguousFraming>()
             .is_some();
-        let http1 = request.version() <= Version::HTTP_11;
         let outcome = if ambiguous {
             Err(ProxyError::BadRequest(
                 "both Content-Length and Transfer-Encoding",
@@ -168,14 +167,6 @@ impl Proxy {
             self.route_and_forward(&conn, request, client_ip, &mut exchange, started)
                 .await
         };
-        // A body refused for its size is left unread: the connection closes after the
-        // answer (as nginx does), and saying so keeps the client from sending its next
-        // request on it.
-        let body_left_unread = http1
-            && matches!(
-                outcome,
-                Err(ProxyError::Body(super::body::BodyError::TooLarge { .. }))
-            );
         let mut response = match outcome {
             Ok(response) => response,
             Err(error) => {
@@ -196,8 +187,9 @@ impl Proxy {
         let limit = conn.listener.limits.max_requests_per_connection;
         let limit_reached =
             limit > 0 && served >= limit && response.status() != StatusCode::SWITCHING_PROTOCOLS;
-        // The rest of an ambiguous request's bytes cannot be trusted as a next request.
-        if ambiguous || limit_reached || body_left_unread {
+        // (An ambiguous request, or a body left unread, closes the connection too: the
+        // HTTP/1 server sees those itself, `h1::Server::exchange`.)
+        if limit_reached {
             response
                 .headers_mut()
                 .insert(CONNECTION, HeaderValue::from_static("close"));
