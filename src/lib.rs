@@ -6,6 +6,7 @@
 //! admin API client behind `gatehouse ctl`.
 
 pub mod acme;
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -60,7 +60,7 @@ impl Timers {
         Timers {
             idle: idle.map(|period| IdleTimer {
                 period,
-                last_activity: Instant::now(),
+                last_activity: crate::clock::coarse_now(),
                 sleep: None,
             }),
             deadline: deadline.map(|at| (at, None)),
@@ -96,7 +96,7 @@ impl Timers {
 
     fn touch(&mut self) {
         if let Some(idle) = &mut self.idle {
-            idle.last_activity = Instant::now();
+            idle.last_activity = crate::clock::coarse_now();
         }
     }
 
@@ -122,14 +122,15 @@ pub struct BodyProgress {
 impl BodyProgress {
     fn new(moves: bool) -> BodyProgress {
         BodyProgress {
-            origin: Instant::now(),
+            origin: crate::clock::coarse_now(),
             last: moves.then(|| Arc::new(AtomicU64::new(0))),
         }
     }
 
     fn touch(&self) {
         if let Some(last) = &self.last {
-            let nanos = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let since = crate::clock::coarse_now().saturating_duration_since(self.origin);
+            let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
             last.store(nanos, Ordering::Relaxed);
         }
     }
@@ -439,14 +440,22 @@ impl ResponseBody {
         }
     }
 
-    pub fn upstream(body: crate::upstream::UpstreamBody, timers: Timers) -> ResponseBody {
+    /// An upstream's response body under `timers`, keeping `hold` until it ends. `grpc`
+    /// ends a failed stream with gRPC status trailers: once the headers are out, that is
+    /// the only way left to tell a gRPC client why (a bare HTTP/2 reset reads as INTERNAL).
+    pub fn upstream(
+        body: crate::upstream::UpstreamBody,
+        timers: Timers,
+        hold: Hold,
+        grpc: bool,
+    ) -> ResponseBody {
         ResponseBody {
             source: Source::Upstream(body),
             timers,
             log: None,
             observer: None,
-            grpc: false,
-            hold: None,
+            grpc,
+            hold: Some(hold),
         }
     }
 
@@ -465,30 +474,15 @@ impl ResponseBody {
         }
     }
 
-    /// For a gRPC response: once its headers are out, the only way left to tell the client
-    /// why the stream failed (deadline, upstream reset) is a gRPC status in the trailers. A
-    /// bare HTTP/2 reset reaches a gRPC client as INTERNAL, whatever the cause.
-    pub fn with_grpc_status_on_error(mut self) -> ResponseBody {
-        self.grpc = true;
-        self
-    }
-
     /// Attaches the request's metrics; they are recorded when this body ends or is dropped.
-    pub fn with_observer(mut self, observer: RequestObserver) -> ResponseBody {
+    /// (In place, like `set_log`: the body is large to move.)
+    pub fn set_observer(&mut self, observer: RequestObserver) {
         self.observer = Some(observer);
-        self
-    }
-
-    /// Keeps `value` alive until this body ends or is dropped.
-    pub fn with_hold(mut self, value: Hold) -> ResponseBody {
-        self.hold = Some(value);
-        self
     }
 
     /// Attaches the access-log record; it is written when this body ends or is dropped.
-    pub fn with_log(mut self, log: LogGuard) -> ResponseBody {
+    pub fn set_log(&mut self, log: LogGuard) {
         self.log = Some(log);
-        self
     }
 
     fn finish(&mut self, error: Option<&BodyError>) {

@@ -33,8 +33,8 @@ use crate::telemetry::otlp::{self, PendingTrace, SpanKind};
 use crate::telemetry::trace::{TraceContext, TRACEPARENT};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard, RequestObserver, RouteMetrics};
 use crate::upstream::{
-    Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, UpstreamBody,
-    UpstreamError,
+    Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, SendFailure,
+    UpstreamBody, UpstreamError,
 };
 
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -215,13 +215,12 @@ impl Proxy {
             started.into_std(),
         )
         .with_trace(spans);
-        let (parts, mut body) = response.into_parts();
-        body = body.with_observer(observer);
+        response.body_mut().set_observer(observer);
         if let Some(mut log) = exchange.log.take() {
-            log.record().status = parts.status.as_u16();
-            body = body.with_log(log);
+            log.record().status = response.status().as_u16();
+            response.body_mut().set_log(log);
         }
-        Ok(Response::from_parts(parts, body))
+        Ok(response)
     }
 
     async fn route_and_forward(
@@ -889,10 +888,8 @@ impl Proxy {
             headers::append_via(&mut parts.headers, parts.version);
         }
         let timers = Timers::new(route.timeouts.idle, deadline);
-        let mut body = ResponseBody::upstream(body, timers).with_hold(Hold { slot, in_flight });
-        if exchange.grpc && is_grpc(&parts.headers) {
-            body = body.with_grpc_status_on_error();
-        }
+        let grpc = exchange.grpc && is_grpc(&parts.headers);
+        let body = ResponseBody::upstream(body, timers, Hold { slot, in_flight }, grpc);
         Ok(Response::from_parts(parts, body))
     }
 }
@@ -970,22 +967,20 @@ fn upstream_request(
             .clone()
             .ok_or(ProxyError::BadRequest("invalid host"))?,
     };
-    let mut builder = Request::builder()
-        .method(parts.method.clone())
-        .version(parts.version);
-    if let Some(headers) = builder.headers_mut() {
-        *headers = parts.headers.clone();
-    }
-    let uri = match pool.protocol {
+    // Built in place rather than with `Request::builder()`, whose every step moves the
+    // whole head.
+    let progress = body.track_progress();
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    *request.headers_mut() = parts.headers.clone();
+    *request.uri_mut() = match pool.protocol {
         UpstreamProtocol::Http1 => {
-            builder = builder.version(Version::HTTP_11);
-            if let Some(headers) = builder.headers_mut() {
-                headers.insert(HOST, upstream_host);
-            }
+            *request.version_mut() = Version::HTTP_11;
+            request.headers_mut().insert(HOST, upstream_host);
             Uri::from(path_and_query.clone())
         }
         UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-            builder = builder.version(Version::HTTP_2);
+            *request.version_mut() = Version::HTTP_2;
             let authority = upstream_host
                 .to_str()
                 .map_err(|_| ProxyError::BadRequest("invalid host"))?;
@@ -1001,11 +996,6 @@ fn upstream_request(
                 .map_err(|_| ProxyError::BadRequest("invalid request target"))?
         }
     };
-    let progress = body.track_progress();
-    let request = builder
-        .uri(uri)
-        .body(body)
-        .map_err(|_| ProxyError::BadRequest("invalid request"))?;
     Ok((request, progress))
 }
 
@@ -1143,27 +1133,23 @@ impl Attempt<'_> {
         )?;
         // Pinned here and lent to `response_head`: an owned future would be stored twice
         // (argument and pinned local), and this future holds the whole upstream exchange.
-        let send = std::pin::pin!(async {
-            let sent = endpoint
-                .connections
-                .send_returning(
-                    request,
-                    &self.pool.settings,
-                    ClientAddrs {
-                        client: self.conn.peer,
-                        local: self.conn.local,
-                    },
-                    fresh,
-                )
-                .await;
-            sent.map_err(|failure| {
+        let send = std::pin::pin!(endpoint.connections.send_returning(
+            request,
+            &self.pool.settings,
+            ClientAddrs {
+                client: self.conn.peer,
+                local: self.conn.local,
+            },
+            fresh,
+        ));
+        response_head(send, &progress, self.per_try, self.deadline)
+            .await
+            .map_err(|failure| {
                 if let Some(request) = failure.unsent {
-                    *self.unsent.lock() = Some(request.into_body());
+                    *self.unsent.lock() = Some((*request).into_body());
                 }
-                failure.error
+                ProxyError::from_upstream(failure.error)
             })
-        });
-        response_head(send, &progress, self.per_try, self.deadline).await
     }
 }
 
@@ -1235,13 +1221,13 @@ pub fn backoff(retry: u32, base: Duration, max: Duration, rng: &mut fastrand::Rn
 /// sent), yet a body the upstream stopped reading still times out. The deadline is absolute.
 async fn response_head(
     mut send: std::pin::Pin<
-        &mut impl std::future::Future<Output = Result<Response<UpstreamBody>, UpstreamError>>,
+        &mut impl std::future::Future<Output = Result<Response<UpstreamBody>, SendFailure>>,
     >,
     progress: &BodyProgress,
     wait: Duration,
     deadline: Option<Instant>,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let started = Instant::now();
+) -> Result<Response<UpstreamBody>, SendFailure> {
+    let started = crate::clock::coarse_now();
     let expiry = |last: Instant| {
         let at = last.max(started) + wait;
         deadline.map_or(at, |deadline| at.min(deadline))
@@ -1249,7 +1235,7 @@ async fn response_head(
     let mut at = expiry(progress.last());
     loop {
         tokio::select! {
-            response = send.as_mut() => return response.map_err(ProxyError::from_upstream),
+            response = send.as_mut() => return response,
             () = tokio::time::sleep_until(at) => {
                 let next = expiry(progress.last());
                 if next > at {
@@ -1260,7 +1246,7 @@ async fn response_head(
                     Some(deadline) if deadline <= at => at.saturating_duration_since(started),
                     _ => wait,
                 };
-                return Err(ProxyError::Upstream(UpstreamError::ResponseTimeout(waited)));
+                return Err(UpstreamError::ResponseTimeout(waited).into());
             }
         }
     }

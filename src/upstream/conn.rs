@@ -7,6 +7,7 @@
 //! survives config swaps, and (with later features) connections keyed by client for PROXY
 //! protocol and per-endpoint connection limits.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::future::Either;
 use http::{Request, Response};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -62,9 +64,11 @@ pub struct ConnSettings {
 
 /// A request `send` could not hand to a connection, returned with its error so the caller
 /// can send it elsewhere (a streamed body not yet read is not lost to a connect failure).
+/// The request is boxed: failures are rare, and the result of every send moves through
+/// several futures.
 pub struct SendFailure {
     pub error: UpstreamError,
-    pub unsent: Option<Request<RequestBody>>,
+    pub unsent: Option<Box<Request<RequestBody>>>,
 }
 
 impl From<UpstreamError> for SendFailure {
@@ -277,23 +281,24 @@ impl Connections {
 
     /// `send`, handing the request back when it never reached a connection (connect,
     /// handshake or TLS failure). `fresh` skips pooled connections.
-    pub async fn send_returning(
-        self: &Arc<Self>,
+    ///
+    /// Not an `async fn`: it only picks the protocol's future, and one async layer fewer
+    /// is one copy fewer of the request and of the response on every exchange.
+    pub fn send_returning<'a>(
+        self: &'a Arc<Self>,
         request: Request<RequestBody>,
-        settings: &ConnSettings,
+        settings: &'a ConnSettings,
         addrs: ClientAddrs,
         fresh: bool,
-    ) -> Result<Response<UpstreamBody>, SendFailure> {
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, SendFailure>> + Send + 'a {
         // Connections that began with a PROXY header carry one client's address.
         let owner = self.transport.proxy_protocol.map(|_| addrs.client);
         match &self.conns {
             Conns::Http1(pool) => {
-                self.send_http1(pool, request, settings, addrs, owner, fresh)
-                    .await
+                Either::Left(self.send_http1(pool, request, settings, addrs, owner, fresh))
             }
             Conns::H2 { shared, dialing } => {
-                self.send_h2(shared, dialing, request, settings, addrs, owner)
-                    .await
+                Either::Right(self.send_h2(shared, dialing, request, settings, addrs, owner))
             }
         }
     }
@@ -368,7 +373,7 @@ impl Connections {
                 Err(error) => {
                     return Err(SendFailure {
                         error,
-                        unsent: Some(request),
+                        unsent: Some(Box::new(request)),
                     })
                 }
             }
@@ -378,7 +383,7 @@ impl Connections {
             Err(error) => {
                 return Err(SendFailure {
                     error,
-                    unsent: Some(request),
+                    unsent: Some(Box::new(request)),
                 })
             }
         };
@@ -387,7 +392,7 @@ impl Connections {
             Ok(response) => Ok(response.map(UpstreamBody::H1)),
             Err(h1::Failure::Unsent(returned, error)) => Err(SendFailure {
                 error: UpstreamError::Request(Box::new(error)),
-                unsent: Some(*returned),
+                unsent: Some(returned),
             }),
             Err(h1::Failure::Failed { error, .. }) => {
                 Err(UpstreamError::Request(Box::new(error)).into())
@@ -472,7 +477,7 @@ impl Connections {
             }
             let index = pick?;
             let parked = &mut pool.parked[index];
-            let expired = Instant::now() >= parked.expires
+            let expired = crate::clock::coarse_now() >= parked.expires
                 || settings
                     .max_lifetime
                     .is_some_and(|lifetime| parked.born.elapsed() >= lifetime);
@@ -513,7 +518,7 @@ impl Connections {
             pool.parked.push(Parked {
                 conn,
                 client: park.owner,
-                expires: Instant::now() + settings.idle_timeout,
+                expires: crate::clock::coarse_now() + settings.idle_timeout,
                 generation: self.generation.load(Ordering::Acquire),
                 born: park.born,
                 served: park.served,
@@ -543,7 +548,7 @@ impl Connections {
                             Err(error) => {
                                 return Err(SendFailure {
                                     error,
-                                    unsent: Some(request),
+                                    unsent: Some(Box::new(request)),
                                 })
                             }
                         };

@@ -392,7 +392,7 @@ pub async fn send(
     mut conn: Conn,
     request: Request<RequestBody>,
     park: Park,
-) -> Result<Response<Body>, Failure> {
+) -> Result<Response<Box<Body>>, Failure> {
     let (parts, mut body) = request.into_parts();
     let mut pump = encode_request(&parts, &body);
     // The head alone first: if the connection fails before it is out, the request is
@@ -466,17 +466,19 @@ pub async fn send(
         parts
             .extensions
             .insert(Upgrade(Arc::new(std::sync::Mutex::new(Some(io)))));
-        return Ok(Response::from_parts(parts, Body::empty()));
+        return Ok(Response::from_parts(parts, Box::new(Body::empty())));
     }
     // Boxed: only exchanges whose response begins before the request body ends need it.
     let request = (!pump_done).then(|| Box::new((pump, body)));
-    let mut response_body = Body {
+    // Boxed: the response moves through every layer of the proxy, and the body is most of
+    // its size (the connection, its parking instructions).
+    let mut response_body = Box::new(Body {
         conn: Some(conn),
         decoder,
         request,
         keep_alive,
         park: Some(park),
-    };
+    });
     if response_body.decoder.is_done() {
         response_body.finish();
     }

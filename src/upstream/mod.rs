@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 use crate::http::body::BoxError;
 use balancer::Balancer;
 pub use balancer::{hash64, HashRing, PickContext};
-pub use conn::{ClientAddrs, ConnSettings, Connections, Transport};
+pub use conn::{ClientAddrs, ConnSettings, Connections, SendFailure, Transport};
 pub use state::{
     Admission, BreakerState, Capacity, EndpointState, InFlight, LimitError, Outcome, PoolState,
 };
@@ -72,7 +72,7 @@ pub enum UpstreamError {
 // allocation per request to save bytes in a value that is moved a few times.
 #[allow(clippy::large_enum_variant)]
 pub enum UpstreamBody {
-    H1(h1::Body),
+    H1(Box<h1::Body>),
     H2(hyper::body::Incoming),
 }
 

@@ -158,7 +158,7 @@ impl Server {
                 let _ = self.writer.shutdown().await;
                 return Ok(());
             }
-            deadline = Instant::now() + header_timeout;
+            deadline = crate::clock::coarse_now() + header_timeout;
         }
     }
 
