@@ -24,7 +24,7 @@ use http_body::Body as _;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, WriteHalf};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
 use self::body::{ReadSide, Shared};
 use self::head::{BodyFraming, Head, ResponseContext};
@@ -143,8 +143,11 @@ impl Server {
     ) -> Result<(), ConnError> {
         let header_timeout = self.conn.listener.limits.request_header_timeout.0;
         let mut deadline = first_head_deadline;
+        // One wait for the drain per connection, not one per request: it stays registered
+        // with the token between requests.
+        let mut drained = pin!(drain.cancelled());
         loop {
-            let head = match self.read_head(deadline, &drain).await {
+            let head = match self.read_head(deadline, drained.as_mut()).await {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(()),
                 Err(ConnError::Head(err)) => {
@@ -167,7 +170,7 @@ impl Server {
     async fn read_head(
         &mut self,
         deadline: Instant,
-        drain: &CancellationToken,
+        mut drained: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Result<Option<Head>, ConnError> {
         let Some(side) = self.side.as_mut() else {
             return Ok(None);
@@ -178,7 +181,6 @@ impl Server {
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0;
         let mut sleep = pin!(tokio::time::sleep_until(deadline));
-        let mut drained = pin!(drain.cancelled());
         loop {
             if !side.buf.is_empty() {
                 if let Some(head) = head::parse(&mut side.buf, self.max_head, self.max_headers)? {
@@ -263,7 +265,6 @@ impl Server {
         let proxy = self.proxy.clone();
         let conn = self.conn.clone();
         let mut service = super::pin_box_in_place(|| proxy.handle(conn, request));
-        let mut draining = drain.is_cancelled();
         let mut continue_sent = !expect_continue;
         let response = loop {
             let watch_close = self.side.is_some();
@@ -282,7 +283,6 @@ impl Server {
                         return Ok(false);
                     }
                 }
-                () = drain.cancelled(), if !draining => draining = true,
             }
         };
         let Ok(response) = response;
@@ -307,7 +307,8 @@ impl Server {
             version,
             head_request: method == Method::HEAD,
             keep_alive: keep_alive
-                && !draining
+                // A drain that began during the exchange closes the connection after it.
+                && !drain.is_cancelled()
                 && !ambiguous
                 && !body_dropped
                 && method != Method::CONNECT,
