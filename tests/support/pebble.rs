@@ -22,11 +22,30 @@ pub struct PebblePlan {
     key: PathBuf,
     listen: SocketAddr,
     management: SocketAddr,
+    /// Sockets holding `listen` and `management` until pebble starts: a gateway started
+    /// in between binds its own ports and connects out, and must not be given either of
+    /// these (the kernel skips bound ports for both). Bound, not listening: connecting to
+    /// the directory is refused until pebble runs, as when it is down.
+    reserved: Vec<socket2::Socket>,
 }
 
 pub struct Pebble {
     children: Vec<Child>,
     plan: PebblePlan,
+}
+
+/// A port held by the returned bound (not listening) socket until it is dropped.
+fn reserve_port() -> (SocketAddr, socket2::Socket) {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("reserve a port");
+    let any_port: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any_port.into()).expect("reserve a port");
+    let addr = socket
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_socket())
+        .expect("reserved port");
+    (addr, socket)
 }
 
 /// A port nothing listens on right now.
@@ -64,8 +83,8 @@ impl PebblePlan {
         let api = ca.server(&["127.0.0.1", "localhost"]);
         let (cert, key) = api.write(dir.path(), "api");
         let api_ca = ca.write(dir.path(), "api-ca");
-        let listen: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let management: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (listen, listen_reserved) = reserve_port();
+        let (management, management_reserved) = reserve_port();
         PebblePlan {
             dir,
             directory: format!("https://{listen}/dir"),
@@ -75,11 +94,12 @@ impl PebblePlan {
             key,
             listen,
             management,
+            reserved: vec![listen_reserved, management_reserved],
         }
     }
 
     /// Starts pebble validating HTTP-01 on `http_port` and TLS-ALPN-01 on `tls_port`.
-    pub fn start(self, http_port: u16, tls_port: u16) -> Pebble {
+    pub fn start(mut self, http_port: u16, tls_port: u16) -> Pebble {
         let dns_addr = format!("127.0.0.1:{}", free_port());
         let config = serde_json::json!({
             "pebble": {
@@ -117,6 +137,7 @@ impl PebblePlan {
             .stderr(Stdio::null())
             .spawn()
             .expect("start pebble-challtestsrv");
+        self.reserved.clear();
         let pebble = Command::new("pebble")
             .arg("-config")
             .arg(&config_path)
