@@ -47,6 +47,12 @@ fn from_coarse_clock() -> Instant {
     Instant::from_std(anchor.precise + since + anchor.resolution)
 }
 
+/// Nanoseconds from `origin` to the coarse now, for activity stamps kept in an atomic.
+pub fn coarse_nanos_since(origin: Instant) -> u64 {
+    let since = coarse_now().saturating_duration_since(origin);
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+}
+
 #[cfg(target_os = "linux")]
 mod imp {
     use std::time::Duration;
@@ -55,29 +61,27 @@ mod imp {
     /// stamp far in the future).
     const MAX_RESOLUTION: Duration = Duration::from_millis(20);
 
-    fn read(clock: libc::clockid_t, getres: bool) -> Option<Duration> {
+    /// `clock_gettime` or `clock_getres` on the coarse clock.
+    fn read(
+        call: unsafe extern "C" fn(libc::clockid_t, *mut libc::timespec) -> libc::c_int,
+    ) -> Option<Duration> {
         let mut ts = libc::timespec {
             tv_sec: 0,
             tv_nsec: 0,
         };
         // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-        let rc = unsafe {
-            match getres {
-                false => libc::clock_gettime(clock, &mut ts),
-                true => libc::clock_getres(clock, &mut ts),
-            }
-        };
+        let rc = unsafe { call(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
         let secs = u64::try_from(ts.tv_sec).ok()?;
         let nanos = u32::try_from(ts.tv_nsec).ok()?;
         (rc == 0).then(|| Duration::new(secs, nanos))
     }
 
     pub(super) fn coarse() -> Duration {
-        read(libc::CLOCK_MONOTONIC_COARSE, false).unwrap_or_default()
+        read(libc::clock_gettime).unwrap_or_default()
     }
 
     pub(super) fn resolution() -> Duration {
-        read(libc::CLOCK_MONOTONIC_COARSE, true)
+        read(libc::clock_getres)
             .unwrap_or(MAX_RESOLUTION)
             .min(MAX_RESOLUTION)
     }

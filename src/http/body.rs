@@ -129,9 +129,10 @@ impl BodyProgress {
 
     fn touch(&self) {
         if let Some(last) = &self.last {
-            let since = crate::clock::coarse_now().saturating_duration_since(self.origin);
-            let nanos = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
-            last.store(nanos, Ordering::Relaxed);
+            last.store(
+                crate::clock::coarse_nanos_since(self.origin),
+                Ordering::Relaxed,
+            );
         }
     }
 

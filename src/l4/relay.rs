@@ -92,8 +92,7 @@ impl Shared {
     }
 
     fn touch(&self) {
-        let since = crate::clock::coarse_now().saturating_duration_since(self.start);
-        let ns = u64::try_from(since.as_nanos()).unwrap_or(u64::MAX);
+        let ns = crate::clock::coarse_nanos_since(self.start);
         self.last_activity_ns.store(ns, Ordering::Relaxed);
     }
 

@@ -67,10 +67,7 @@ pub enum UpstreamError {
 }
 
 /// A response body from a backend: HTTP/1.1 from the gateway's own client (`h1`), HTTP/2
-/// from hyper's.
-// The HTTP/1 body is the common case and lives inline: boxing it would cost an
-// allocation per request to save bytes in a value that is moved a few times.
-#[allow(clippy::large_enum_variant)]
+/// from hyper's. The HTTP/1 body comes boxed (`h1::send` says why).
 pub enum UpstreamBody {
     H1(Box<h1::Body>),
     H2(hyper::body::Incoming),

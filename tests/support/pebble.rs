@@ -50,10 +50,7 @@ fn reserve_port() -> (SocketAddr, socket2::Socket) {
 
 /// A port nothing listens on right now.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("free port")
+    reserve_port().0.port()
 }
 
 fn require(binary: &str) {
