@@ -33,8 +33,8 @@ use crate::telemetry::otlp::{self, PendingTrace, SpanKind};
 use crate::telemetry::trace::{TraceContext, TRACEPARENT};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard, RequestObserver, RouteMetrics};
 use crate::upstream::{
-    Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, SendFailure,
-    UpstreamBody, UpstreamError,
+    h1, Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, SendFailure,
+    UpstreamBody, UpstreamError, UpstreamRequest,
 };
 
 const ACME_CHALLENGE_PATH: &str = "/.well-known/acme-challenge/";
@@ -947,7 +947,8 @@ fn spawn_mirror(
 }
 
 /// One attempt's upstream request: the prepared head with the endpoint's `Host` or
-/// `:authority`, and the body to send.
+/// `:authority`, and the body to send. For HTTP/1.1 the head is encoded here, from the
+/// client's head as it stands.
 fn upstream_request(
     parts: &http::request::Parts,
     path_and_query: &PathAndQuery,
@@ -956,7 +957,7 @@ fn upstream_request(
     host_raw: &Option<String>,
     endpoint: &Endpoint,
     mut body: RequestBody,
-) -> Result<(Request<RequestBody>, BodyProgress), ProxyError> {
+) -> Result<(UpstreamRequest, BodyProgress), ProxyError> {
     let upstream_host: HeaderValue = match (&route.host_rewrite, route.preserve_host, host_raw) {
         (Some(rewrite), _, _) => rewrite.clone(),
         (None, true, Some(original)) => {
@@ -967,36 +968,32 @@ fn upstream_request(
             .clone()
             .ok_or(ProxyError::BadRequest("invalid host"))?,
     };
+    let progress = body.track_progress();
+    let scheme = match pool.protocol {
+        UpstreamProtocol::Http1 => {
+            let outgoing =
+                h1::Outgoing::encode(parts, path_and_query.as_str(), &upstream_host, body);
+            return Ok((UpstreamRequest::Encoded(outgoing), progress));
+        }
+        UpstreamProtocol::H2 => "https",
+        UpstreamProtocol::H2c => "http",
+    };
+    let authority = upstream_host
+        .to_str()
+        .map_err(|_| ProxyError::BadRequest("invalid host"))?;
     // Built in place rather than with `Request::builder()`, whose every step moves the
     // whole head.
-    let progress = body.track_progress();
     let mut request = Request::new(body);
     *request.method_mut() = parts.method.clone();
     *request.headers_mut() = parts.headers.clone();
-    *request.uri_mut() = match pool.protocol {
-        UpstreamProtocol::Http1 => {
-            *request.version_mut() = Version::HTTP_11;
-            request.headers_mut().insert(HOST, upstream_host);
-            Uri::from(path_and_query.clone())
-        }
-        UpstreamProtocol::H2c | UpstreamProtocol::H2 => {
-            *request.version_mut() = Version::HTTP_2;
-            let authority = upstream_host
-                .to_str()
-                .map_err(|_| ProxyError::BadRequest("invalid host"))?;
-            Uri::builder()
-                .scheme(if pool.protocol == UpstreamProtocol::H2 {
-                    "https"
-                } else {
-                    "http"
-                })
-                .authority(authority)
-                .path_and_query(path_and_query.clone())
-                .build()
-                .map_err(|_| ProxyError::BadRequest("invalid request target"))?
-        }
-    };
-    Ok((request, progress))
+    *request.version_mut() = Version::HTTP_2;
+    *request.uri_mut() = Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(path_and_query.clone())
+        .build()
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    Ok((UpstreamRequest::Request(request), progress))
 }
 
 /// Records a resilience event on the request's access-log line.
@@ -1146,7 +1143,7 @@ impl Attempt<'_> {
             .await
             .map_err(|failure| {
                 if let Some(request) = failure.unsent {
-                    *self.unsent.lock() = Some((*request).into_body());
+                    *self.unsent.lock() = Some(request.into_body());
                 }
                 ProxyError::from_upstream(failure.error)
             })

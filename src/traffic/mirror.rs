@@ -8,12 +8,10 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
 use http_body_util::BodyExt;
 
 use crate::config::MirrorConfig;
-use crate::http::body::RequestBody;
-use crate::upstream::{ClientAddrs, ConnSettings, Connections, Pool};
+use crate::upstream::{ClientAddrs, ConnSettings, Connections, Pool, UpstreamRequest};
 
 /// Bytes of a mirror response read (and discarded) at most.
 const MAX_DRAIN_BYTES: usize = 1 << 20;
@@ -129,7 +127,7 @@ impl Mirror {
         connections: Arc<Connections>,
         settings: ConnSettings,
         addrs: ClientAddrs,
-        request: Request<RequestBody>,
+        request: UpstreamRequest,
     ) {
         let Some(slot) = self.state.try_start() else {
             return;

@@ -68,7 +68,37 @@ pub struct ConnSettings {
 /// several futures.
 pub struct SendFailure {
     pub error: UpstreamError,
-    pub unsent: Option<Box<Request<RequestBody>>>,
+    pub unsent: Option<Box<UpstreamRequest>>,
+}
+
+/// A request for an endpoint: HTTP/1.1 endpoints take it with its head already encoded
+/// (`h1::Outgoing`, as the proxy prepares it), or as an `http::Request`, encoded on
+/// sending; HTTP/2 endpoints take an `http::Request`.
+pub enum UpstreamRequest {
+    Encoded(h1::Outgoing),
+    Request(Request<RequestBody>),
+}
+
+impl UpstreamRequest {
+    pub fn into_body(self) -> RequestBody {
+        match self {
+            UpstreamRequest::Encoded(outgoing) => outgoing.into_body(),
+            UpstreamRequest::Request(request) => request.into_body(),
+        }
+    }
+
+    fn into_http1(self) -> h1::Outgoing {
+        match self {
+            UpstreamRequest::Encoded(outgoing) => outgoing,
+            UpstreamRequest::Request(request) => h1::Outgoing::from_request(request),
+        }
+    }
+}
+
+impl From<Request<RequestBody>> for UpstreamRequest {
+    fn from(request: Request<RequestBody>) -> Self {
+        UpstreamRequest::Request(request)
+    }
 }
 
 impl From<UpstreamError> for SendFailure {
@@ -270,11 +300,11 @@ impl Connections {
     /// Sends one request and returns the response head with its streaming body.
     pub async fn send(
         self: &Arc<Self>,
-        request: Request<RequestBody>,
+        request: impl Into<UpstreamRequest>,
         settings: &ConnSettings,
         addrs: ClientAddrs,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_returning(request, settings, addrs, false)
+        self.send_returning(request.into(), settings, addrs, false)
             .await
             .map_err(|failure| failure.error)
     }
@@ -286,7 +316,7 @@ impl Connections {
     /// is one copy fewer of the request and of the response on every exchange.
     pub fn send_returning<'a>(
         self: &'a Arc<Self>,
-        request: Request<RequestBody>,
+        request: UpstreamRequest,
         settings: &'a ConnSettings,
         addrs: ClientAddrs,
         fresh: bool,
@@ -294,9 +324,14 @@ impl Connections {
         // Connections that began with a PROXY header carry one client's address.
         let owner = self.transport.proxy_protocol.map(|_| addrs.client);
         match &self.conns {
-            Conns::Http1(pool) => {
-                Either::Left(self.send_http1(pool, request, settings, addrs, owner, fresh))
-            }
+            Conns::Http1(pool) => Either::Left(self.send_http1(
+                pool,
+                request.into_http1(),
+                settings,
+                addrs,
+                owner,
+                fresh,
+            )),
             Conns::H2 { shared, dialing } => {
                 Either::Right(self.send_h2(shared, dialing, request, settings, addrs, owner))
             }
@@ -322,7 +357,7 @@ impl Connections {
     async fn send_http1(
         self: &Arc<Self>,
         pool: &Mutex<Http1Pool>,
-        mut request: Request<RequestBody>,
+        mut request: h1::Outgoing,
         settings: &ConnSettings,
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
@@ -373,7 +408,7 @@ impl Connections {
                 Err(error) => {
                     return Err(SendFailure {
                         error,
-                        unsent: Some(Box::new(request)),
+                        unsent: Some(Box::new(UpstreamRequest::Encoded(request))),
                     })
                 }
             }
@@ -383,7 +418,7 @@ impl Connections {
             Err(error) => {
                 return Err(SendFailure {
                     error,
-                    unsent: Some(Box::new(request)),
+                    unsent: Some(Box::new(UpstreamRequest::Encoded(request))),
                 })
             }
         };
@@ -392,7 +427,7 @@ impl Connections {
             Ok(response) => Ok(response.map(UpstreamBody::H1)),
             Err(h1::Failure::Unsent(returned, error)) => Err(SendFailure {
                 error: UpstreamError::Request(Box::new(error)),
-                unsent: Some(returned),
+                unsent: Some(Box::new(UpstreamRequest::Encoded(*returned))),
             }),
             Err(h1::Failure::Failed { error, .. }) => {
                 Err(UpstreamError::Request(Box::new(error)).into())
@@ -531,11 +566,24 @@ impl Connections {
         &self,
         shared: &Mutex<SharedH2>,
         dialing: &tokio::sync::Mutex<()>,
-        request: Request<RequestBody>,
+        request: UpstreamRequest,
         settings: &ConnSettings,
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
     ) -> Result<Response<UpstreamBody>, SendFailure> {
+        // The proxy encodes heads only for HTTP/1.1 endpoints; an encoded one here would be
+        // a mix-up of endpoints, refused rather than sent in the wrong protocol.
+        let request = match request {
+            UpstreamRequest::Request(request) => request,
+            encoded @ UpstreamRequest::Encoded(_) => {
+                return Err(SendFailure {
+                    error: UpstreamError::Request(
+                        "an HTTP/1.1 request head prepared for an HTTP/2 endpoint".into(),
+                    ),
+                    unsent: Some(Box::new(encoded)),
+                })
+            }
+        };
         let mut sender = match self.live_h2(shared, owner, settings) {
             Some(sender) => sender,
             None => {
@@ -548,7 +596,7 @@ impl Connections {
                             Err(error) => {
                                 return Err(SendFailure {
                                     error,
-                                    unsent: Some(Box::new(request)),
+                                    unsent: Some(Box::new(UpstreamRequest::Request(request))),
                                 })
                             }
                         };

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use http_body::{Body as _, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -55,7 +55,7 @@ pub enum ClientError {
 /// Why an exchange failed.
 pub enum Failure {
     /// Nothing of the request was consumed: it may go out on another connection.
-    Unsent(Box<Request<RequestBody>>, ClientError),
+    Unsent(Box<Outgoing>, ClientError),
     /// The request was (at least partly) sent. `answered`: response bytes had arrived.
     Failed { error: ClientError, answered: bool },
 }
@@ -245,22 +245,70 @@ impl Pump {
     }
 }
 
-/// The request head, with the framing its body gets.
-fn encode_request(parts: &http::request::Parts, body: &RequestBody) -> Pump {
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |path_and_query| path_and_query.as_str());
+/// A request for an HTTP/1.1 backend with its head already encoded. The proxy encodes it
+/// straight from the client's parsed head, with the backend's `Host` put in: no copy of
+/// the header map per attempt (that copy was a tenth of a proxied request's instructions).
+pub struct Outgoing {
+    method: Method,
+    pump: Pump,
+    body: RequestBody,
+}
+
+impl Outgoing {
+    /// `request` as it stands: its URI's path and query and its own `Host` field.
+    pub fn from_request(request: Request<RequestBody>) -> Outgoing {
+        let (parts, body) = request.into_parts();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map_or("/", |path_and_query| path_and_query.as_str());
+        let pump = encode_head(&parts.method, target, None, &parts.headers, &body);
+        Outgoing {
+            method: parts.method,
+            pump,
+            body,
+        }
+    }
+
+    /// The request of `parts` with `target` as its request target and `host` as its
+    /// `Host` field (first, as RFC 9112 §3.2 asks), in place of the client's own.
+    pub fn encode(
+        parts: &http::request::Parts,
+        target: &str,
+        host: &HeaderValue,
+        body: RequestBody,
+    ) -> Outgoing {
+        let pump = encode_head(&parts.method, target, Some(host), &parts.headers, &body);
+        Outgoing {
+            method: parts.method.clone(),
+            pump,
+            body,
+        }
+    }
+
+    pub fn into_body(self) -> RequestBody {
+        self.body
+    }
+}
+
+/// The request head, with the framing its body gets. With `host`, that value replaces
+/// any `Host` among `headers`.
+fn encode_head(
+    method: &Method,
+    target: &str,
+    host: Option<&HeaderValue>,
+    headers: &HeaderMap,
+    body: &RequestBody,
+) -> Pump {
     let size = 32
-        + parts.method.as_str().len()
+        + method.as_str().len()
         + target.len()
-        + parts
-            .headers
+        + host.map_or(0, |host| host.len() + 8)
+        + headers
             .iter()
             .map(|(name, value)| name.as_str().len() + value.len() + 4)
             .sum::<usize>();
-    let declared = parts
-        .headers
+    let declared = headers
         .get(CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.trim().parse::<u64>().ok());
@@ -269,7 +317,7 @@ fn encode_request(parts: &http::request::Parts, body: &RequestBody) -> Pump {
             (Some(length), false, None)
         } else if body.is_end_stream() {
             // RFC 9110 §8.6: a method that usually has content says it has none.
-            let zero = matches!(parts.method, Method::POST | Method::PUT | Method::PATCH)
+            let zero = matches!(*method, Method::POST | Method::PUT | Method::PATCH)
                 .then(|| (CONTENT_LENGTH, HeaderValue::from_static("0")));
             (Some(0), false, zero)
         } else if let Some(exact) = body.size_hint().exact() {
@@ -287,12 +335,15 @@ fn encode_request(parts: &http::request::Parts, body: &RequestBody) -> Pump {
         };
     let small_body = body.size_hint().exact().filter(|&n| n as usize <= COALESCE);
     let mut out = Vec::with_capacity(size + 32 + small_body.unwrap_or(0) as usize);
-    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in parts.headers.iter() {
-        if name != TRANSFER_ENCODING {
+    if let Some(host) = host {
+        push_field(&mut out, &HOST, host);
+    }
+    for (name, value) in headers.iter() {
+        if name != TRANSFER_ENCODING && !(host.is_some() && name == HOST) {
             push_field(&mut out, name, value);
         }
     }
@@ -386,25 +437,29 @@ fn parse_response(
     }
 }
 
-/// Sends `request` on `conn` and returns the response head; the body streams from the
+/// Sends `outgoing` on `conn` and returns the response head; the body streams from the
 /// connection and parks it in `park` when the exchange ends cleanly.
 pub async fn send(
     mut conn: Conn,
-    request: Request<RequestBody>,
+    outgoing: Outgoing,
     park: Park,
 ) -> Result<Response<Box<Body>>, Failure> {
-    let (parts, mut body) = request.into_parts();
-    let mut pump = encode_request(&parts, &body);
+    let Outgoing {
+        method,
+        mut pump,
+        mut body,
+    } = outgoing;
     // The head alone first: if the connection fails before it is out, the request is
     // handed back untouched (the backend closed a pooled connection as it was reused).
     let head_written = std::future::poll_fn(|cx| pump.poll_write_pending(&mut conn.io, cx)).await;
     if let Err(err) = head_written {
+        // Whatever part of the head went out, went to a connection now dead.
+        pump.written = 0;
         return Err(Failure::Unsent(
-            Box::new(Request::from_parts(parts, body)),
+            Box::new(Outgoing { method, pump, body }),
             ClientError::Write(err),
         ));
     }
-    let method = parts.method;
     let mut pump_done = false;
     let head = std::future::poll_fn(|cx| {
         if !pump_done {
@@ -622,6 +677,39 @@ mod tests {
         let head = parse_response(&mut both, &Method::GET).unwrap().unwrap();
         assert_eq!(head.decoder, Decoder::ChunkSize);
         assert!(!head.keep_alive);
+    }
+
+    #[test]
+    fn an_encoded_head_carries_the_backends_host_first_and_its_own_framing() {
+        let request = Request::post("http://client.example/old?q=1")
+            .header("x-a", "1")
+            .header(HOST, "client.example")
+            .header(TRANSFER_ENCODING, "chunked")
+            .header("x-b", "2")
+            .body(())
+            .unwrap();
+        let (parts, ()) = request.into_parts();
+        let body = RequestBody::replay(Bytes::from_static(b"hello"));
+        let host = HeaderValue::from_static("10.0.0.7:8080");
+        let outgoing = Outgoing::encode(&parts, "/new?q=1", &host, body);
+        assert_eq!(
+            String::from_utf8_lossy(&outgoing.pump.out),
+            "POST /new?q=1 HTTP/1.1\r\nhost: 10.0.0.7:8080\r\nx-a: 1\r\nx-b: 2\r\n\
+             content-length: 5\r\n\r\n"
+        );
+        assert_eq!(outgoing.pump.remaining, Some(5));
+        assert!(!outgoing.pump.chunked);
+
+        // As it stands: its own Host and target.
+        let request = Request::get("/as-is")
+            .header(HOST, "client.example")
+            .body(RequestBody::empty())
+            .unwrap();
+        let outgoing = Outgoing::from_request(request);
+        assert_eq!(
+            String::from_utf8_lossy(&outgoing.pump.out),
+            "GET /as-is HTTP/1.1\r\nhost: client.example\r\n\r\n"
+        );
     }
 
     #[test]
