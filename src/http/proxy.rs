@@ -182,7 +182,7 @@ impl Proxy {
         let headers = response.headers_mut();
         headers.insert(
             &exchange.snapshot.http.request_id_header,
-            exchange.request_id.clone(),
+            headers::request_id_field(&exchange.request_id),
         );
         let limit = conn.listener.limits.max_requests_per_connection;
         let limit_reached =
@@ -488,7 +488,7 @@ impl Proxy {
         );
         parts.headers.insert(
             &snapshot.http.request_id_header,
-            exchange.request_id.clone(),
+            headers::request_id_field(&exchange.request_id),
         );
         // Each attempt is its own client span: the upstream's parent.
         let attempt_span = otlp::new_span_id();
