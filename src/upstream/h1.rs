@@ -24,7 +24,7 @@ use super::conn::{ConnSettings, Connections, UpstreamIo};
 use crate::http::body::{BodyError, RequestBody};
 use crate::http::h1::body::{poll_fill, BodyReadError, Decoder};
 use crate::http::h1::head::{
-    field_spans, header_map, push_chunk_size, push_field, push_last_chunk, Framing,
+    field_spans, header_map, push_chunk_size, push_field, push_last_chunk, FieldSpans, Framing,
 };
 use crate::listener::prefixed::Prefixed;
 
@@ -402,10 +402,11 @@ fn parse_response(
             Some(0) => Version::HTTP_10,
             _ => Version::HTTP_11,
         };
-        let spans =
-            field_spans(parsed.headers, buf.as_ptr() as usize).map_err(ClientError::Malformed)?;
+        let mut spans = FieldSpans::new();
+        field_spans(parsed.headers, buf.as_ptr() as usize, &mut spans)
+            .map_err(ClientError::Malformed)?;
         let head = buf.split_to(len).freeze();
-        let (headers, fields) = header_map(&head, spans, 4).map_err(ClientError::Malformed)?;
+        let (headers, fields) = header_map(&head, &mut spans, 4).map_err(ClientError::Malformed)?;
         let no_body = *request_method == Method::HEAD
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED

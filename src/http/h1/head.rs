@@ -105,12 +105,13 @@ pub fn parse(
     let base = buf.as_ptr() as usize;
     let path = parsed.path.unwrap_or("").as_bytes();
     let target = (path.as_ptr() as usize - base, path.len());
-    let spans = field_spans(parsed.headers, base).map_err(HeadError::Malformed)?;
+    let mut spans = FieldSpans::new();
+    field_spans(parsed.headers, base, &mut spans).map_err(HeadError::Malformed)?;
     let head = buf.split_to(len).freeze();
     let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1))
         .map_err(|_| HeadError::Malformed("invalid request target"))?;
     // Room for the forwarding headers the proxy adds: growing a HeaderMap rehashes it.
-    let (headers, fields) = header_map(&head, spans, 8).map_err(HeadError::Malformed)?;
+    let (headers, fields) = header_map(&head, &mut spans, 8).map_err(HeadError::Malformed)?;
     let mut framing = Framing::None;
     if fields.transfer_encoding {
         if version == Version::HTTP_10 {
@@ -154,23 +155,25 @@ pub fn parse(
 /// taken before the head is split off its buffer.
 pub type FieldSpans = smallvec::SmallVec<[(HeaderName, usize, usize); 24]>;
 
-/// The spans of `fields`, whose values lie in a buffer starting at address `base`.
+/// Fills `spans` with the spans of `fields`, whose values lie in a buffer starting at
+/// address `base`. The spans are filled and drained in place, never returned or passed by
+/// value: at 24 inline slots they are over a KiB, and each move was a `memcpy`.
 pub fn field_spans(
     fields: &[httparse::Header<'_>],
     base: usize,
-) -> Result<FieldSpans, &'static str> {
-    fields
-        .iter()
-        .map(|field| {
-            let name =
-                HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| "invalid header name")?;
-            Ok((
-                name,
-                field.value.as_ptr() as usize - base,
-                field.value.len(),
-            ))
-        })
-        .collect()
+    spans: &mut FieldSpans,
+) -> Result<(), &'static str> {
+    spans.clear();
+    for field in fields {
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| "invalid header name")?;
+        spans.push((
+            name,
+            field.value.as_ptr() as usize - base,
+            field.value.len(),
+        ));
+    }
+    Ok(())
 }
 
 /// What a message's header fields say about its framing and its connection (RFC 9112 §6
@@ -200,12 +203,12 @@ impl FramingFields {
 /// `room` more fields; and what the fields say about framing.
 pub fn header_map(
     head: &Bytes,
-    spans: FieldSpans,
+    spans: &mut FieldSpans,
     room: usize,
 ) -> Result<(HeaderMap, FramingFields), &'static str> {
     let mut headers = HeaderMap::with_capacity(spans.len() + room);
     let mut fields = FramingFields::default();
-    for (name, start, len) in spans {
+    for (name, start, len) in spans.drain(..) {
         let value = HeaderValue::from_maybe_shared(head.slice(start..start + len))
             .map_err(|_| "invalid header value")?;
         if name == CONTENT_LENGTH {
