@@ -23,34 +23,45 @@ fi
 command -v wrk >/dev/null || { echo "wrk is missing (apt-get install wrk)" >&2; exit 1; }
 hz=$(getconf CLK_TCK)
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+cpu_ticks() { awk '{print $14, $15}' "/proc/$1/stat"; }
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR] = $1} END {print v[int((NR + 1) / 2)]}'; }
 
-declare -A rps_of us_of
+per_request() { # ticks requests -> µs
+  awk -v t="$1" -v hz="$hz" -v n="$2" 'BEGIN {printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0)}'
+}
+
+declare -A rps_of us_of user_of sys_of
 for spec in "$@"; do
   IFS='=' read -r name pid url <<<"$spec"
   [ -r "/proc/$pid/stat" ] || { echo "$name: no process $pid" >&2; exit 1; }
   rps_of[$name]=""
   us_of[$name]=""
+  user_of[$name]=""
+  sys_of[$name]=""
 done
 for round in $(seq "$rounds"); do
   for spec in "$@"; do
     IFS='=' read -r name pid url <<<"$spec"
-    before=$(cpu_ticks "$pid")
+    read -r user_before sys_before < <(cpu_ticks "$pid")
     out=$(wrk -t1 -c"$connections" -d"$duration" "$url")
-    after=$(cpu_ticks "$pid")
+    read -r user_after sys_after < <(cpu_ticks "$pid")
     requests=$(awk '/requests in/ {print $1}' <<<"$out")
     rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    us=$(awk -v t=$((after - before)) -v hz="$hz" -v n="$requests" \
-      'BEGIN {printf "%.2f", (n > 0 ? t * 1e6 / hz / n : 0)}')
+    user=$((user_after - user_before))
+    sys=$((sys_after - sys_before))
+    us=$(per_request $((user + sys)) "$requests")
     rps_of[$name]+="$rps "
     us_of[$name]+="$us "
+    user_of[$name]+="$(per_request "$user" "$requests") "
+    sys_of[$name]+="$(per_request "$sys" "$requests") "
     echo "round $round $name: $rps req/s, $us µs CPU per request" >&2
   done
 done
-printf '%-12s %12s %16s   %s\n' peer "req/s (med)" "µs/req (med)" "req/s per round"
+printf '%-12s %12s %16s %10s %10s   %s\n' peer "req/s (med)" "µs/req (med)" "user" "kernel" \
+  "req/s per round"
 for spec in "$@"; do
   IFS='=' read -r name _ _ <<<"$spec"
-  printf '%-12s %12s %16s   %s\n' "$name" "$(median <<<"${rps_of[$name]}")" \
-    "$(median <<<"${us_of[$name]}")" "${rps_of[$name]}"
+  printf '%-12s %12s %16s %10s %10s   %s\n' "$name" "$(median <<<"${rps_of[$name]}")" \
+    "$(median <<<"${us_of[$name]}")" "$(median <<<"${user_of[$name]}")" \
+    "$(median <<<"${sys_of[$name]}")" "${rps_of[$name]}"
 done
