@@ -147,13 +147,11 @@ pool = "app"
     let restarted = Gateway::start(&config);
     let again = wait_for_issued(restarted.addr("tls"), "b.test", &root).await;
     assert_eq!(again, leaf_a);
+    // The certificate is installed a moment before its log line is written.
+    restarted.stderr.wait_for(0, PATIENCE, |line| {
+        line.contains("acme: loaded cached certificate")
+    });
     let lines = restarted.stderr.snapshot();
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.contains("acme: loaded cached certificate")),
-        "{lines:#?}"
-    );
     assert!(
         !lines.iter().any(|l| l.contains("acme: ordering")),
         "{lines:#?}"
