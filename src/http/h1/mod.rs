@@ -142,12 +142,18 @@ impl Server {
         drain: CancellationToken,
     ) -> Result<(), ConnError> {
         let header_timeout = self.conn.listener.limits.request_header_timeout.0;
-        let mut deadline = first_head_deadline;
-        // One wait for the drain per connection, not one per request: it stays registered
-        // with the token between requests.
+        // One wait for the drain and one header timer per connection, not one each per
+        // request: the drain wait stays registered with the token between requests, and
+        // the timer is moved to each new deadline, which for a later deadline is one store
+        // (tokio's timer re-files the entry when the old deadline comes) instead of filing
+        // and removing a timer-wheel entry per request.
         let mut drained = pin!(drain.cancelled());
+        let mut header_deadline = pin!(tokio::time::sleep_until(first_head_deadline));
         loop {
-            let head = match self.read_head(deadline, drained.as_mut()).await {
+            let head = match self
+                .read_head(header_deadline.as_mut(), drained.as_mut())
+                .await
+            {
                 Ok(Some(head)) => head,
                 Ok(None) => return Ok(()),
                 Err(ConnError::Head(err)) => {
@@ -161,15 +167,18 @@ impl Server {
                 let _ = self.writer.shutdown().await;
                 return Ok(());
             }
-            deadline = crate::clock::coarse_now() + header_timeout;
+            header_deadline
+                .as_mut()
+                .reset(crate::clock::coarse_now() + header_timeout);
         }
     }
 
-    /// Waits for the next request head, until `deadline`; `None` when the client closed or
-    /// a drain ended the idle connection. An idle connection holds no buffer while it waits.
+    /// Waits for the next request head, until `deadline` fires; `None` when the client
+    /// closed or a drain ended the idle connection. An idle connection holds no buffer
+    /// while it waits.
     async fn read_head(
         &mut self,
-        deadline: Instant,
+        mut deadline: Pin<&mut tokio::time::Sleep>,
         mut drained: Pin<&mut WaitForCancellationFuture<'_>>,
     ) -> Result<Option<Head>, ConnError> {
         let Some(side) = self.side.as_mut() else {
@@ -180,7 +189,6 @@ impl Server {
             .requests
             .load(std::sync::atomic::Ordering::Relaxed)
             > 0;
-        let mut sleep = pin!(tokio::time::sleep_until(deadline));
         loop {
             if !side.buf.is_empty() {
                 if let Some(head) = head::parse(&mut side.buf, self.max_head, self.max_headers)? {
@@ -194,7 +202,7 @@ impl Server {
                 if idle && served_before && drained.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Ok(None));
                 }
-                if sleep.as_mut().poll(cx).is_ready() {
+                if deadline.as_mut().poll(cx).is_ready() {
                     return Poll::Ready(Err(ConnError::HeadTimeout));
                 }
                 let read = if idle {
