@@ -1153,12 +1153,17 @@ async fn an_idle_keep_alive_connection_closes_at_the_header_timeout() {
     let gateway = Gateway::start(
         &config_with_pool(&[backend.addr], "[[routes]]\npool = \"app\"\n").replace(
             "bind = \"127.0.0.1:0\"\n",
-            "bind = \"127.0.0.1:0\"\nlimits = { request_header_timeout = \"300ms\" }\n",
+            "bind = \"127.0.0.1:0\"\nlimits = { request_header_timeout = \"600ms\" }\n",
         ),
     );
     let mut connection = RawConnection::open(gateway.addr("public")).await;
-    connection.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
-    assert_eq!(connection.response().await.status, 200);
+    // The timeout counts from the end of the last exchange, not from the first: pauses
+    // shorter than it keep the connection open past it in all (750 ms).
+    for pause in [0, 250, 250, 250] {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        connection.send(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert_eq!(connection.response().await.status, 200);
+    }
     support::expect_closed(connection.stream).await;
 }
 
