@@ -14,9 +14,10 @@ use gatehouse::control::Control;
 /// streams in flight, and the heap fragments), for 8.9 against 7.5 KiB per idle connection
 /// (docs/BENCHMARKS.md, "Allocator"). While hyper's HTTP/1 server held 16 KiB per
 /// connection the same trade cost 10 KiB per connection and was refused. mimalloc 2 (the
-/// crate's `v2` feature), not 3: mimalloc 3 sends aligned requests above 1 KiB, which is
-/// how every Rust allocation reaches it, through its over-allocating slow path: 1.6 % more
-/// instructions per request and 7.8 against 6.6 KiB per idle connection.
+/// crate's `v2` feature), not 3: mimalloc 3 sends an aligned request above 1 KiB whose
+/// size class is not a power of two (and every Rust allocation reaches it as an aligned
+/// one) through its over-allocating slow path: 1.6 % more instructions per request and
+/// 7.8 against 6.6 KiB per idle connection.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

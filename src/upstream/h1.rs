@@ -247,7 +247,8 @@ impl Pump {
 
 /// A request for an HTTP/1.1 backend with its head already encoded. The proxy encodes it
 /// straight from the client's parsed head, with the backend's `Host` put in: no copy of
-/// the header map per attempt (that copy was a tenth of a proxied request's instructions).
+/// the header map per attempt (the copy, its `Host` insert and its drop were 5 % of a
+/// proxied request's instructions).
 pub struct Outgoing {
     method: Method,
     pump: Pump,
@@ -271,7 +272,7 @@ impl Outgoing {
     }
 
     /// The request of `parts` with `target` as its request target and `host` as its
-    /// `Host` field (first, as RFC 9112 §3.2 asks), in place of the client's own.
+    /// `Host` field (first, as RFC 9110 §7.2 asks), in place of the client's own.
     pub fn encode(
         parts: &http::request::Parts,
         target: &str,
