@@ -33,7 +33,7 @@ use crate::telemetry::otlp::{self, PendingTrace, SpanKind};
 use crate::telemetry::trace::{TraceContext, TRACEPARENT};
 use crate::telemetry::{AccessLog, AccessRecord, LogGuard, RequestObserver, RouteMetrics};
 use crate::upstream::{
-    h1, Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, SendFailure,
+    h1, Admission, ClientAddrs, Endpoint, InFlight, Outcome, PickContext, Pool, Reuse, SendFailure,
     UpstreamBody, UpstreamError, UpstreamRequest,
 };
 
@@ -164,7 +164,7 @@ impl Proxy {
                 "both Content-Length and Transfer-Encoding",
             ))
         } else {
-            self.route_and_forward(&conn, request, client_ip, &mut exchange, started)
+            self.route_and_forward(&conn, request, &client_ip, &mut exchange, started)
                 .await
         };
         let mut response = match outcome {
@@ -227,10 +227,13 @@ impl Proxy {
         &self,
         conn: &Connection,
         request: Request<ClientBody>,
-        client_ip: std::net::IpAddr,
+        // By reference: a one-byte-aligned argument would make building this future copy
+        // most of it (see `upstream::Reuse`); the same for `forward`.
+        client_ip: &std::net::IpAddr,
         exchange: &mut Exchange,
         started: Instant,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let client_ip = *client_ip;
         let limits = &conn.listener.limits;
         let uri_len = request
             .uri()
@@ -375,7 +378,7 @@ impl Proxy {
                     .map(|split| split.choose(request.headers(), client_ip));
                 let result = self
                     .forward(
-                        conn, request, &route, choice, client_ip, host_raw, exchange, started,
+                        conn, request, &route, choice, &client_ip, host_raw, exchange, started,
                     )
                     .await;
                 if let (Some(split), Some(index)) = (&route.split, choice) {
@@ -400,11 +403,12 @@ impl Proxy {
         request: Request<ClientBody>,
         route: &Arc<Route>,
         split_choice: Option<usize>,
-        client_ip: std::net::IpAddr,
+        client_ip: &std::net::IpAddr,
         host_raw: Option<String>,
         exchange: &mut Exchange,
         started: Instant,
     ) -> Result<Response<ResponseBody>, ProxyError> {
+        let client_ip = *client_ip;
         let Action::Forward(pool) = &route.action else {
             return Err(ProxyError::NoRoute);
         };
@@ -1086,14 +1090,16 @@ impl Attempt<'_> {
                 .or_else(|| body.is_end_stream().then(Bytes::new)),
             false => None,
         };
-        let mut result = self.send(endpoint, body, false).await;
+        let mut result = self.send(endpoint, body, Reuse::Pooled).await;
         if let (Err(ProxyError::Upstream(UpstreamError::Stale(_))), Some(again)) = (&result, again)
         {
             endpoint
                 .metrics
                 .stale_retries
                 .fetch_add(1, Ordering::Relaxed);
-            result = self.send(endpoint, RequestBody::replay(again), true).await;
+            result = self
+                .send(endpoint, RequestBody::replay(again), Reuse::Fresh)
+                .await;
         }
         match &result {
             Ok(response) => {
@@ -1117,7 +1123,7 @@ impl Attempt<'_> {
         &self,
         endpoint: &Endpoint,
         body: RequestBody,
-        fresh: bool,
+        reuse: Reuse,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (request, progress) = upstream_request(
             self.parts,
@@ -1137,7 +1143,7 @@ impl Attempt<'_> {
                 client: self.conn.peer,
                 local: self.conn.local,
             },
-            fresh,
+            reuse,
         ));
         response_head(send, &progress, self.per_try, self.deadline)
             .await

@@ -71,6 +71,21 @@ pub struct SendFailure {
     pub unsent: Option<Box<UpstreamRequest>>,
 }
 
+/// Which HTTP/1.1 connection a request may go out on.
+///
+/// `usize`-sized on purpose, like every argument of the pipeline's `async fn`s: the
+/// arguments are copied as one block when a future is built, and a one-byte argument is
+/// placed after the future's largest state, which stretches that block to nearly the
+/// whole future (3.7 KiB for the proxy's `Attempt::send`; docs/BENCHMARKS.md).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Reuse {
+    /// A pooled connection when one is idle, else a new one.
+    Pooled,
+    /// A new connection: the pooled one just failed as it was reused.
+    Fresh,
+}
+
 /// A request for an endpoint: HTTP/1.1 endpoints take it with its head already encoded
 /// (`h1::Outgoing`, as the proxy prepares it), or as an `http::Request`, encoded on
 /// sending; HTTP/2 endpoints take an `http::Request`.
@@ -304,13 +319,13 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
-        self.send_returning(request.into(), settings, addrs, false)
+        self.send_returning(request.into(), settings, addrs, Reuse::Pooled)
             .await
             .map_err(|failure| failure.error)
     }
 
     /// `send`, handing the request back when it never reached a connection (connect,
-    /// handshake or TLS failure). `fresh` skips pooled connections.
+    /// handshake or TLS failure). `Reuse::Fresh` skips pooled connections.
     ///
     /// Not an `async fn`: it only picks the protocol's future, and one async layer fewer
     /// is one copy fewer of the request and of the response on every exchange.
@@ -319,7 +334,7 @@ impl Connections {
         request: UpstreamRequest,
         settings: &'a ConnSettings,
         addrs: ClientAddrs,
-        fresh: bool,
+        reuse: Reuse,
     ) -> impl Future<Output = Result<Response<UpstreamBody>, SendFailure>> + Send + 'a {
         // Connections that began with a PROXY header carry one client's address.
         let owner = self.transport.proxy_protocol.map(|_| addrs.client);
@@ -330,7 +345,7 @@ impl Connections {
                 settings,
                 addrs,
                 owner,
-                fresh,
+                reuse,
             )),
             Conns::H2 { shared, dialing } => {
                 Either::Right(self.send_h2(shared, dialing, request, settings, addrs, owner))
@@ -361,13 +376,13 @@ impl Connections {
         settings: &ConnSettings,
         addrs: ClientAddrs,
         owner: Option<SocketAddr>,
-        fresh: bool,
+        reuse: Reuse,
     ) -> Result<Response<UpstreamBody>, SendFailure> {
         // A pooled connection may have been closed by the backend a moment ago: when the
         // request head could not be written it goes out on another connection. Once
         // written, the error says the reused connection failed (`Stale`), so the caller
         // can send a safe request again on a fresh one.
-        let mut reusable = if fresh {
+        let mut reusable = if reuse == Reuse::Fresh {
             None
         } else {
             self.checkout_idle(pool, settings, owner)

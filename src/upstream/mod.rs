@@ -23,7 +23,9 @@ use parking_lot::Mutex;
 use crate::http::body::BoxError;
 use balancer::Balancer;
 pub use balancer::{hash64, HashRing, PickContext};
-pub use conn::{ClientAddrs, ConnSettings, Connections, SendFailure, Transport, UpstreamRequest};
+pub use conn::{
+    ClientAddrs, ConnSettings, Connections, Reuse, SendFailure, Transport, UpstreamRequest,
+};
 pub use state::{
     Admission, BreakerState, Capacity, EndpointState, InFlight, LimitError, Outcome, PoolState,
 };
