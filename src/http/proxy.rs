@@ -1238,6 +1238,9 @@ async fn response_head(
     let mut at = expiry(progress.last());
     loop {
         tokio::select! {
+            // The response first: one that is ready when the wait ends still counts, and
+            // the timer is only polled (filed) once the response is not ready.
+            biased;
             response = send.as_mut() => return response,
             () = tokio::time::sleep_until(at) => {
                 let next = expiry(progress.last());
