@@ -24,7 +24,8 @@ use super::conn::{ConnSettings, Connections, UpstreamIo};
 use crate::http::body::{BodyError, RequestBody};
 use crate::http::h1::body::{poll_fill, BodyReadError, Decoder};
 use crate::http::h1::head::{
-    field_spans, header_map, push_chunk_size, push_field, push_last_chunk, FieldSpans, Framing,
+    field_spans, header_map, parse_content_length, push_chunk_size, push_field, push_last_chunk,
+    FieldSpans, Framing,
 };
 use crate::listener::prefixed::Prefixed;
 
@@ -311,8 +312,7 @@ fn encode_head(
             .sum::<usize>();
     let declared = headers
         .get(CONTENT_LENGTH)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.trim().parse::<u64>().ok());
+        .and_then(|value| parse_content_length(value.as_bytes()));
     let (remaining, chunked, extra): (Option<u64>, bool, Option<(HeaderName, HeaderValue)>) =
         if let Some(length) = declared {
             (Some(length), false, None)

@@ -257,7 +257,7 @@ fn field_value(bytes: Bytes) -> Result<HeaderValue, &'static str> {
 
 /// Digits only, as RFC 9110 §8.6 has it (no sign, no spaces inside); a comma-separated
 /// list of one repeated value is accepted like repeated fields are.
-fn parse_content_length(value: &[u8]) -> Option<u64> {
+pub fn parse_content_length(value: &[u8]) -> Option<u64> {
     let mut result = None;
     for part in value.split(|&b| b == b',') {
         let part = part.trim_ascii();
